@@ -1,0 +1,191 @@
+use serde::{Deserialize, Serialize};
+
+use crate::arms::{Arm, ArmIndex, ArmSpace};
+use crate::decision::{DecisionRule, SampleDecision};
+use crate::error::BanditError;
+use crate::observation::Observation;
+use crate::policy::{AnyPolicy, Policy, PolicyConfig};
+use crate::reward::{RewardModel, RewardRange};
+
+/// Everything the edge agent and the simulator need, in one serializable value: the arm
+/// space, the per-sample rule, the reward and the learning policy.
+///
+/// Per sample: [`select`](Self::select) an arm, run the device with a
+/// [`SampleDecision`] from [`start_sample`](Self::start_sample) (or call
+/// [`decide`](crate::decide) on a full row), build the [`Observation`], then
+/// [`learn`](Self::learn). No step allocates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "ControllerRepr")]
+pub struct Controller {
+    space: ArmSpace,
+    rule: DecisionRule,
+    reward: RewardModel,
+    policy: AnyPolicy,
+}
+
+#[derive(Deserialize)]
+struct ControllerRepr {
+    space: ArmSpace,
+    rule: DecisionRule,
+    reward: RewardModel,
+    policy: AnyPolicy,
+}
+
+impl TryFrom<ControllerRepr> for Controller {
+    type Error = BanditError;
+    fn try_from(r: ControllerRepr) -> Result<Self, BanditError> {
+        r.reward.validate(r.space.num_layers())?;
+        if r.policy.num_arms() != r.space.len() {
+            return Err(BanditError::CorruptState(
+                "policy and arm space disagree on the number of arms",
+            ));
+        }
+        Ok(Controller {
+            space: r.space,
+            rule: r.rule,
+            reward: r.reward,
+            policy: r.policy,
+        })
+    }
+}
+
+impl Controller {
+    /// `range` bounds the rewards for the policy; `None` derives it from the reward model,
+    /// which fails with [`BanditError::RewardRangeUnknown`] for measured costs.
+    pub fn new(
+        space: ArmSpace,
+        rule: DecisionRule,
+        reward: RewardModel,
+        policy: &PolicyConfig,
+        range: Option<RewardRange>,
+    ) -> Result<Self, BanditError> {
+        reward.validate(space.num_layers())?;
+        let range = match range {
+            Some(r) => r,
+            None => reward.range(space.num_layers())?,
+        };
+        let policy = policy.build(space.len(), range)?;
+        Ok(Controller {
+            space,
+            rule,
+            reward,
+            policy,
+        })
+    }
+
+    /// Chooses the arm for the next sample.
+    #[inline]
+    pub fn select(&mut self) -> (ArmIndex, Arm) {
+        let index = self.policy.select();
+        // The policy was built for exactly `space.len()` arms.
+        (index, self.space.arms()[index.0])
+    }
+
+    /// The exit/offload state machine for one sample played with `arm`.
+    pub fn start_sample(&self, arm: Arm) -> SampleDecision {
+        SampleDecision::new(arm, self.rule, self.space.num_layers())
+    }
+
+    /// Learns from one sample played with `played`; returns its reward.
+    ///
+    /// With a side-information policy (SplitEE-S) every arm with a strictly shallower split
+    /// whose reward is computable from `obs` alone (see
+    /// [`RewardModel::counterfactual`]) is updated too. Nothing is updated when the played
+    /// reward cannot be computed.
+    pub fn learn(&mut self, played: ArmIndex, obs: &Observation<'_>) -> Result<f64, BanditError> {
+        let arm = self.space.get(played).ok_or(BanditError::ArmOutOfRange {
+            arm: played.0,
+            num_arms: self.space.len(),
+        })?;
+        let num_layers = self.space.num_layers();
+        let reward = self.reward.reward(num_layers, obs)?;
+        self.policy.update(played, reward)?;
+        if self.policy.uses_side_information() {
+            for (index, other) in self.space.iter() {
+                if other.split >= arm.split {
+                    continue;
+                }
+                if let Some(r) = self
+                    .reward
+                    .counterfactual(other, self.rule, num_layers, obs)
+                {
+                    self.policy.update_side(index, r)?;
+                }
+            }
+        }
+        Ok(reward)
+    }
+
+    pub fn space(&self) -> &ArmSpace {
+        &self.space
+    }
+
+    pub fn rule(&self) -> DecisionRule {
+        self.rule
+    }
+
+    pub fn reward_model(&self) -> &RewardModel {
+        &self.reward
+    }
+
+    pub fn policy(&self) -> &AnyPolicy {
+        &self.policy
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Ucb1;
+    use crate::reward::{CostModel, RewardKind};
+
+    fn controller(config: PolicyConfig) -> Controller {
+        let model = RewardModel::new(
+            RewardKind::SplitEe,
+            CostModel::abstract_units(0.1, 1.0).unwrap(),
+        );
+        Controller::new(
+            ArmSpace::splits(4, 0.9).unwrap(),
+            DecisionRule::SPLITEE,
+            model,
+            &config,
+            None,
+        )
+        .unwrap()
+    }
+
+    fn counts(c: &Controller) -> Vec<u64> {
+        match c.policy() {
+            AnyPolicy::Ucb1(p) => Ucb1::counts(p).to_vec(),
+            other => panic!("unexpected policy {other:?}"),
+        }
+    }
+
+    #[test]
+    fn side_information_reaches_only_computable_shallower_arms() {
+        let mut c = controller(PolicyConfig::SplitEeS { c: 1.0 });
+        // Played split 3, exited there; layer 1 was confident (computable exit), layer 2 was
+        // not (it would have offloaded: C_L unknown), split 4 is deeper.
+        let conf = [0.95, 0.5, 0.97];
+        c.learn(ArmIndex(2), &Observation::exited(&conf, 3))
+            .unwrap();
+        assert_eq!(counts(&c), vec![1, 0, 1, 0]);
+        // Offloaded after 3: every shallower arm is computable.
+        c.learn(
+            ArmIndex(2),
+            &Observation::offloaded(&[0.5, 0.5, 0.5], 3, 0.9),
+        )
+        .unwrap();
+        assert_eq!(counts(&c), vec![2, 1, 2, 0]);
+        assert_eq!(c.policy().steps(), 2);
+
+        let mut plain = controller(PolicyConfig::Ucb1 { c: 1.0 });
+        plain
+            .learn(
+                ArmIndex(2),
+                &Observation::offloaded(&[0.5, 0.5, 0.5], 3, 0.9),
+            )
+            .unwrap();
+        assert_eq!(counts(&plain), vec![0, 0, 1, 0]);
+    }
+}

@@ -1,0 +1,180 @@
+//! Encoder speed on the CPU backends, as a table (`cargo bench -p splitee-common --bench
+//! forward`; add `--features bench-candle` for the candle-transformers column).
+//!
+//! Measures one encoder layer and the whole 6-layer forward (embeddings included) of
+//! all-MiniLM-L6-v2 at batch 1 for several sequence lengths: median wall-clock latency over
+//! repeated runs after warm-up, and the achieved GFLOP/s from an exact count of the
+//! multiply-adds of the matrix products (softmax, LayerNorm and GELU are not counted).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use burn::prelude::*;
+use splitee_common::{BackendChoice, BertConfig, ModelDir, MultiExitBert};
+
+const SEQUENCE_LENGTHS: [usize; 3] = [16, 64, 128];
+/// Enough repetitions for a stable median on a noisy shared machine, bounded in time.
+const MIN_RUNS: usize = 15;
+const TIME_BUDGET: Duration = Duration::from_secs(3);
+
+fn main() {
+    let dir =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/models/all-MiniLM-L6-v2");
+    let model_dir = ModelDir::open(&dir)
+        .unwrap_or_else(|e| panic!("the benchmark runs on ../shared/models/all-MiniLM-L6-v2: {e}"));
+    let config = model_dir.config.clone();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "all-MiniLM-L6-v2, batch 1, f32; rayon threads: {} (RAYON_NUM_THREADS={}); median of ≥{MIN_RUNS} runs",
+        threads,
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into())
+    );
+    println!(
+        "{:<14} {:>6} {:>14} {:>9} {:>16} {:>9}",
+        "backend", "seq", "1 layer ms", "GFLOP/s", "6 layers ms", "GFLOP/s"
+    );
+    let mut rows = Vec::new();
+    for backend in [BackendChoice::Flex, BackendChoice::Ndarray] {
+        let device = backend.device().unwrap();
+        let model = model_dir.load_model(&device).unwrap();
+        for seq in SEQUENCE_LENGTHS {
+            let layer = time_burn_layer(&model, &device, seq);
+            let full = time_burn_full(&model, &device, seq);
+            rows.push((backend.name().to_owned(), seq, layer, full));
+        }
+    }
+    #[cfg(feature = "bench-candle")]
+    for seq in SEQUENCE_LENGTHS {
+        let (layer, full) = candle_peer::time(&dir, seq);
+        rows.push(("candle 0.11".to_owned(), seq, layer, full));
+    }
+    for (name, seq, layer, full) in &rows {
+        println!(
+            "{:<14} {:>6} {:>14.3} {:>9.1} {:>16.3} {:>9.1}",
+            name,
+            seq,
+            ms(*layer),
+            layer_flops(&config, *seq) / layer.as_secs_f64() / 1e9,
+            ms(*full),
+            layer_flops(&config, *seq) * config.num_hidden_layers as f64 / full.as_secs_f64() / 1e9,
+        );
+    }
+    print_ratios(&rows);
+}
+
+/// Multiply-adds ×2 of one encoder layer: Q, K, V and output projections (4·n·h²), scores and
+/// context (2·n²·h), and the feed-forward pair (2·n·h·f).
+fn layer_flops(config: &BertConfig, seq: usize) -> f64 {
+    let (n, h, f) = (
+        seq as f64,
+        config.hidden_size as f64,
+        config.intermediate_size as f64,
+    );
+    2.0 * (4.0 * n * h * h + 2.0 * n * n * h + 2.0 * n * h * f)
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
+}
+
+/// Median duration of `run`, after two warm-up calls.
+fn median_of(mut run: impl FnMut()) -> Duration {
+    run();
+    run();
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    while samples.len() < MIN_RUNS || (started.elapsed() < TIME_BUDGET && samples.len() < 200) {
+        let start = Instant::now();
+        run();
+        samples.push(start.elapsed());
+    }
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn token_ids(seq: usize, device: &Device) -> Tensor<2, Int> {
+    // Arbitrary in-vocabulary ids: cost does not depend on which tokens they are.
+    let ids: Vec<i64> = (0..seq as i64).map(|i| 1000 + 37 * i).collect();
+    Tensor::from_data(TensorData::new(ids, [1, seq]), device)
+}
+
+fn time_burn_layer(model: &MultiExitBert, device: &Device, seq: usize) -> Duration {
+    let hidden = model.embed(token_ids(seq, device), None).unwrap();
+    median_of(|| {
+        let out = model.run_layers(hidden.clone(), 0..1).unwrap();
+        out.states.into_data();
+    })
+}
+
+fn time_burn_full(model: &MultiExitBert, device: &Device, seq: usize) -> Duration {
+    let ids = token_ids(seq, device);
+    median_of(|| {
+        let hidden = model.embed(ids.clone(), None).unwrap();
+        let out = model.run_layers(hidden, 0..model.num_layers()).unwrap();
+        out.states.into_data();
+    })
+}
+
+fn print_ratios(rows: &[(String, usize, Duration, Duration)]) {
+    let find = |name: &str, seq: usize| rows.iter().find(|r| r.0.starts_with(name) && r.1 == seq);
+    println!("\nspeed ratios, whole forward (>1: the first is faster)");
+    for seq in SEQUENCE_LENGTHS {
+        let flex = find("flex", seq).unwrap();
+        let ndarray = find("ndarray", seq).unwrap();
+        let mut line = format!(
+            "seq {seq:>4}: flex/ndarray {:.2}",
+            ndarray.3.as_secs_f64() / flex.3.as_secs_f64()
+        );
+        if let Some(candle) = find("candle", seq) {
+            line += &format!(
+                ", flex/candle {:.2}",
+                candle.3.as_secs_f64() / flex.3.as_secs_f64()
+            );
+        }
+        println!("{line}");
+    }
+}
+
+#[cfg(feature = "bench-candle")]
+mod candle_peer {
+    //! The same weights run by candle-transformers' BERT, the Rust peer users would pick.
+    use super::*;
+    use candle_core::{DType, Device as CandleDevice, Tensor as CandleTensor};
+    use candle_nn::VarBuilder;
+    use candle_transformers::models::bert::{BertModel, Config};
+
+    pub fn time(dir: &std::path::Path, seq: usize) -> (Duration, Duration) {
+        let device = CandleDevice::Cpu;
+        let config: Config =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        // SAFETY: the weights file is read-only shared data that nothing modifies while mapped.
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(
+                &[dir.join("model.safetensors")],
+                DType::F32,
+                &device,
+            )
+            .unwrap()
+        };
+        let model = BertModel::load(vb, &config).unwrap();
+        let ids: Vec<u32> = (0..seq as u32).map(|i| 1000 + 37 * i).collect();
+        let ids = CandleTensor::new(ids, &device)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let types = ids.zeros_like().unwrap();
+        let mask = ids.ones_like().unwrap();
+        let full = median_of(|| {
+            model.forward(&ids, &types, Some(&mask)).unwrap();
+        });
+        let hidden = model.embeddings.forward(&ids, &types).unwrap();
+        let attention_mask = CandleTensor::zeros((1, 1, 1, seq), DType::F32, &device).unwrap();
+        let layer = median_of(|| {
+            model.encoder.layers[0]
+                .forward(&hidden, &attention_mask)
+                .unwrap();
+        });
+        (layer, full)
+    }
+}

@@ -1,0 +1,21 @@
+//! splitee's shared core: the multi-exit BERT model that both the edge agent and the cloud
+//! worker run (each its own range of layers), its tokenizer, weights and identity.
+
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod fingerprint;
+pub mod model;
+pub mod model_dir;
+pub mod profile;
+pub mod protocol;
+pub mod tokenize;
+pub mod weights;
+
+pub use config::{Activation, BertConfig, ExitConfig, Pooling};
+pub use device::BackendChoice;
+pub use error::{Error, Result};
+pub use fingerprint::Fingerprint;
+pub use model::{Hidden, MultiExitBert, PaddingMask};
+pub use model_dir::{LoadedModel, ModelDir};
+pub use tokenize::{Batch, Encoding, Tokenizer};

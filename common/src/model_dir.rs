@@ -1,0 +1,137 @@
+//! A model directory on disk and everything loaded from it.
+//!
+//! Layout (Hugging Face names where one exists):
+//!
+//! | file | content |
+//! |---|---|
+//! | `config.json` | HF BERT config |
+//! | `tokenizer.json` | HF tokenizers file |
+//! | `model.safetensors` | backbone, HF tensor names and layout |
+//! | `exits.json` | [`ExitConfig`]: which layers carry exits, labels, pooling (optional) |
+//! | `exits.safetensors` | exit heads, `heads.{k}.classifier.{weight,bias}` (optional) |
+//!
+//! Without `exits.json` the model gets an untrained two-class exit after every layer, so a
+//! plain pretrained encoder (such as all-MiniLM-L6-v2) can be inspected and trained.
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+
+use crate::config::{BertConfig, ExitConfig};
+use crate::error::{Error, Result};
+use crate::fingerprint::Fingerprint;
+use crate::model::{Bert, ExitHeads, MultiExitBert};
+use crate::tokenize::Tokenizer;
+use crate::weights;
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const EXIT_CONFIG_FILE: &str = "exits.json";
+pub const EXIT_WEIGHTS_FILE: &str = "exits.safetensors";
+
+/// Number of classes given to untrained exits of a model directory without `exits.json`.
+pub const DEFAULT_NUM_LABELS: usize = 2;
+
+/// Paths and parsed configs of a model directory; loading the weights is a separate step
+/// because it is the slow one and needs a device.
+#[derive(Debug, Clone)]
+pub struct ModelDir {
+    pub path: PathBuf,
+    pub config: BertConfig,
+    pub exits: ExitConfig,
+    /// False when the directory has no trained exit heads.
+    pub exits_trained: bool,
+}
+
+/// A model ready to run, with its tokenizer and identity.
+pub struct LoadedModel {
+    pub dir: ModelDir,
+    pub model: MultiExitBert,
+    pub tokenizer: Tokenizer,
+    pub fingerprint: Fingerprint,
+}
+
+impl ModelDir {
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.is_dir() {
+            return Err(Error::Io {
+                path: path.to_owned(),
+                error: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "model directory does not exist",
+                ),
+            });
+        }
+        let config = BertConfig::from_file(&path.join(CONFIG_FILE))?;
+        let exit_config_path = path.join(EXIT_CONFIG_FILE);
+        let (exits, exits_trained) = if exit_config_path.is_file() {
+            (ExitConfig::from_file(&exit_config_path)?, true)
+        } else {
+            (
+                ExitConfig::every_layer(config.num_hidden_layers, DEFAULT_NUM_LABELS),
+                false,
+            )
+        };
+        exits
+            .validate(config.num_hidden_layers)
+            .map_err(|message| Error::Config {
+                path: exit_config_path,
+                message,
+            })?;
+        Ok(Self {
+            path: path.to_owned(),
+            config,
+            exits,
+            exits_trained,
+        })
+    }
+
+    pub fn weights_path(&self) -> PathBuf {
+        self.path.join(WEIGHTS_FILE)
+    }
+
+    pub fn exit_weights_path(&self) -> PathBuf {
+        self.path.join(EXIT_WEIGHTS_FILE)
+    }
+
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        Tokenizer::from_file(
+            &self.path.join(TOKENIZER_FILE),
+            self.config.max_position_embeddings,
+        )
+    }
+
+    pub fn fingerprint(&self) -> Result<Fingerprint> {
+        let weights = self.weights_path();
+        let exit_weights = self.exit_weights_path();
+        let mut files = vec![weights.as_path()];
+        if self.exits_trained {
+            files.push(exit_weights.as_path());
+        }
+        Fingerprint::compute(&self.config, &self.exits, &files)
+    }
+
+    /// Loads backbone and exit heads onto `device`.
+    pub fn load_model(&self, device: &Device) -> Result<MultiExitBert> {
+        let mut bert = Bert::init(&self.config, device);
+        weights::load(&mut bert, &self.weights_path())?;
+        let mut exits = ExitHeads::init(self.config.hidden_size, &self.exits, device);
+        if self.exits_trained {
+            weights::load(&mut exits, &self.exit_weights_path())?;
+        }
+        Ok(MultiExitBert { bert, exits })
+    }
+
+    pub fn load(self, device: &Device) -> Result<LoadedModel> {
+        let model = self.load_model(device)?;
+        let tokenizer = self.tokenizer()?;
+        let fingerprint = self.fingerprint()?;
+        Ok(LoadedModel {
+            dir: self,
+            model,
+            tokenizer,
+            fingerprint,
+        })
+    }
+}

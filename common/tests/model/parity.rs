@@ -1,0 +1,132 @@
+//! Layer-by-layer parity with activations computed by an independent implementation
+//! (candle-transformers, cross-checked with NumPy; see ../shared/reference/minilm-l6/README.md).
+
+use safetensors::SafeTensors;
+use splitee_common::model::pool;
+use splitee_common::{Hidden, ModelDir, Pooling};
+
+use super::*;
+
+/// Recommended by the reference README: two independent f32 implementations agree to ~1e-5.
+const LAYER_TOLERANCE: f32 = 1e-4;
+/// Tighter on purpose: a wrong LayerNorm epsilon moves the pooled embedding by 5e-5.
+const EMBEDDING_TOLERANCE: f32 = 1e-5;
+
+struct Reference {
+    bytes: Vec<u8>,
+    texts: Vec<String>,
+}
+
+impl Reference {
+    fn load() -> Self {
+        let dir = shared_dir().join("reference/minilm-l6");
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+        let texts = manifest["inputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|input| input["text"].as_str().unwrap().to_owned())
+            .collect();
+        Self {
+            bytes: std::fs::read(dir.join("hidden_states.safetensors")).unwrap(),
+            texts,
+        }
+    }
+
+    fn f32s(&self, name: &str) -> Vec<f32> {
+        let tensors = SafeTensors::deserialize(&self.bytes).unwrap();
+        let view = tensors.tensor(name).unwrap();
+        view.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    }
+
+    fn ids(&self, name: &str) -> Vec<u32> {
+        let tensors = SafeTensors::deserialize(&self.bytes).unwrap();
+        let view = tensors.tensor(name).unwrap();
+        view.data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+            .collect()
+    }
+}
+
+#[test]
+fn every_layer_matches_the_reference_on_every_cpu_backend() {
+    let reference = Reference::load();
+    assert_eq!(reference.texts.len(), 16);
+    let dir = ModelDir::open(&minilm_dir()).unwrap();
+    let tokenizer = dir.tokenizer().unwrap();
+    for (backend, device) in cpu_devices() {
+        let model = dir.load_model(&device).unwrap();
+        let mut worst = [0.0f32; 8];
+        for (i, text) in reference.texts.iter().enumerate() {
+            let encoding = tokenizer.encode(text).unwrap();
+            assert_eq!(
+                encoding.ids,
+                reference.ids(&format!("s{i}.input_ids")),
+                "token ids of input {i} ({text:?})"
+            );
+            let batch = tokenizer.batch(&[text]).unwrap();
+            let (ids, mask) = batch.to_tensors(&device);
+            assert!(mask.is_none(), "a single text is never padded");
+            let mut hidden = model.embed(ids, mask).unwrap();
+            for layer in 0..=6 {
+                if layer > 0 {
+                    hidden = model.run_layers(hidden, layer - 1..layer).unwrap();
+                }
+                let diff = max_abs_diff(
+                    &to_vec(hidden.states.clone()),
+                    &reference.f32s(&format!("s{i}.layer{layer}")),
+                );
+                worst[layer] = worst[layer].max(diff);
+                assert!(
+                    diff <= LAYER_TOLERANCE,
+                    "{backend}: input {i} layer {layer}: max abs diff {diff:e} > {LAYER_TOLERANCE:e}"
+                );
+            }
+            let embedding = sentence_embedding(&hidden);
+            let diff = max_abs_diff(
+                &embedding,
+                &reference.f32s(&format!("s{i}.sentence_embedding")),
+            );
+            worst[7] = worst[7].max(diff);
+            assert!(
+                diff <= EMBEDDING_TOLERANCE,
+                "{backend}: input {i} sentence embedding: max abs diff {diff:e}"
+            );
+        }
+        println!(
+            "{backend}: worst diff per layer 0..6 {:?}, embedding {:e}",
+            &worst[..7],
+            worst[7]
+        );
+    }
+}
+
+/// sentence-transformers' embedding: masked mean over tokens, then L2-normalised.
+fn sentence_embedding(hidden: &Hidden) -> Vec<f32> {
+    let pooled: Vec<f32> = pool(Pooling::MaskedMean, hidden)
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .unwrap();
+    let norm = pooled.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    pooled.iter().map(|x| x / norm).collect()
+}
+
+#[test]
+fn long_input_is_truncated_to_512_tokens() {
+    let reference = Reference::load();
+    let dir = ModelDir::open(&minilm_dir()).unwrap();
+    let encoding = dir
+        .tokenizer()
+        .unwrap()
+        .encode(&reference.texts[15])
+        .unwrap();
+    assert_eq!(encoding.ids.len(), 512);
+    assert_eq!(encoding.ids.first(), Some(&101));
+    assert_eq!(encoding.ids.last(), Some(&102));
+    assert!(encoding.untruncated_len > 512);
+}
