@@ -1,1 +1,218 @@
-fn main() {}
+//! `cloud-worker`: command-line entry point. Parses flags, sets up logging and the runtime,
+//! and calls the library (`cloud_worker`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use cloud_worker::{CertOptions, Worker, WorkerConfig};
+use splitee_common::{BackendChoice, ModelDir};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "splitee cloud worker: finishes split forward passes over QUIC"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve requests until SIGINT/SIGTERM, then finish the in-flight ones and stop.
+    Serve(ServeArgs),
+    /// Create a development CA and server + client certificates signed by it.
+    GenCerts(GenCertsArgs),
+}
+
+/// Flags override the configuration file, which overrides the defaults.
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML configuration file (example: configs/cloud-worker.toml).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Model directory, relative to the current directory [default: models/default].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Compute backend: flex, ndarray or wgpu [default: flex].
+    #[arg(long)]
+    backend: Option<BackendChoice>,
+    /// QUIC (UDP) listen address [default: 0.0.0.0:4433].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// HTTP address of /metrics and /healthz [default: 127.0.0.1:9433].
+    #[arg(long, conflicts_with = "no_metrics")]
+    metrics_listen: Option<SocketAddr>,
+    /// Serve no metrics endpoint.
+    #[arg(long)]
+    no_metrics: bool,
+    /// Server certificate chain, PEM [default: certs/server.pem].
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Server private key, PEM [default: certs/server.key.pem].
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// CA certificate(s), PEM, that client certificates must chain to (mutual TLS).
+    #[arg(long)]
+    client_ca: Option<PathBuf>,
+    /// Most requests per forward pass [default: 16].
+    #[arg(long)]
+    max_batch_size: Option<usize>,
+    /// Longest wait for a batch to fill, microseconds [default: 2000].
+    #[arg(long)]
+    max_wait_us: Option<u64>,
+    /// Requests admitted at once; more are answered `busy` [default: 256].
+    #[arg(long)]
+    max_in_flight: Option<usize>,
+    /// Longest accepted sequence [default: the model's position limit].
+    #[arg(long)]
+    max_seq_len: Option<usize>,
+}
+
+#[derive(Args)]
+struct GenCertsArgs {
+    /// Directory for ca.pem, ca.key.pem, server.pem, server.key.pem, client.pem, client.key.pem.
+    #[arg(long, default_value = "certs")]
+    out_dir: PathBuf,
+    /// Names (DNS or IP) of the server certificate; repeat for several
+    /// [default: localhost, 127.0.0.1].
+    #[arg(long = "server-name")]
+    server_names: Vec<String>,
+    /// Name of the client certificate.
+    #[arg(long, default_value = "splitee-edge")]
+    client_name: String,
+    /// Validity in days.
+    #[arg(long, default_value_t = 365)]
+    days: u32,
+    /// Overwrite existing files.
+    #[arg(long)]
+    force: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args),
+        Command::GenCerts(args) => gen_certs(args),
+    }
+}
+
+fn gen_certs(args: GenCertsArgs) -> anyhow::Result<()> {
+    let defaults = CertOptions::default();
+    let options = CertOptions {
+        out_dir: args.out_dir,
+        server_names: if args.server_names.is_empty() {
+            defaults.server_names
+        } else {
+            args.server_names
+        },
+        client_name: args.client_name,
+        days: args.days,
+        force: args.force,
+    };
+    let files = cloud_worker::gen_certs(&options)?;
+    println!(
+        "wrote a development CA and certificates for {:?} (server) and {:?} (client):",
+        options.server_names, options.client_name
+    );
+    for path in [
+        &files.ca_cert,
+        &files.ca_key,
+        &files.server_cert,
+        &files.server_key,
+        &files.client_cert,
+        &files.client_key,
+    ] {
+        println!("  {}", path.display());
+    }
+    println!("keep ca.key.pem private; it signs anything that the worker and agents will trust");
+    Ok(())
+}
+
+fn config(args: &ServeArgs) -> anyhow::Result<WorkerConfig> {
+    let mut config = match &args.config {
+        Some(path) => WorkerConfig::from_file(path)?,
+        None => WorkerConfig::default(),
+    };
+    if let Some(model) = &args.model {
+        config.model = model.clone();
+    }
+    if let Some(backend) = args.backend {
+        config.backend = backend;
+    }
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(addr) = args.metrics_listen {
+        config.metrics_listen = Some(addr);
+    }
+    if args.no_metrics {
+        config.metrics_listen = None;
+    }
+    if let Some(cert) = &args.cert {
+        config.tls.cert = cert.clone();
+    }
+    if let Some(key) = &args.key {
+        config.tls.key = key.clone();
+    }
+    if let Some(ca) = &args.client_ca {
+        config.tls.client_ca = Some(ca.clone());
+    }
+    if let Some(size) = args.max_batch_size {
+        config.batching.max_batch_size = size;
+    }
+    if let Some(wait) = args.max_wait_us {
+        config.batching.max_wait_us = wait;
+    }
+    if let Some(bound) = args.max_in_flight {
+        config.batching.max_in_flight = bound;
+    }
+    if let Some(len) = args.max_seq_len {
+        config.limits.max_seq_len = Some(len);
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = config(&args)?;
+    let device = config
+        .backend
+        .device()
+        .map_err(|e| anyhow::anyhow!("backend {}: {e}", config.backend))?;
+    let model = ModelDir::open(&config.model)
+        .and_then(|dir| dir.load(&device))
+        .with_context(|| format!("loading the model from {}", config.model.display()))?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("splitee-io")
+        .build()?
+        .block_on(async move {
+            let worker = Worker::start(&config, model, device).await?;
+            shutdown_signal().await?;
+            tracing::info!("signal received: graceful shutdown");
+            worker.shutdown().await
+        })
+}
+
+async fn shutdown_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut terminate = signal(SignalKind::terminate())?;
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => result?,
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}

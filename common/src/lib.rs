@@ -2,6 +2,7 @@
 //! worker run (each its own range of layers), its tokenizer, weights and identity.
 
 pub mod config;
+pub mod dataset;
 pub mod device;
 pub mod error;
 pub mod fingerprint;
@@ -10,6 +11,7 @@ pub mod model_dir;
 pub mod profile;
 pub mod protocol;
 pub mod tokenize;
+pub mod transport;
 pub mod weights;
 
 pub use config::{Activation, BertConfig, ExitConfig, Pooling};
@@ -17,5 +19,5 @@ pub use device::BackendChoice;
 pub use error::{Error, Result};
 pub use fingerprint::Fingerprint;
 pub use model::{Hidden, MultiExitBert, PaddingMask};
-pub use model_dir::{LoadedModel, ModelDir};
+pub use model_dir::{LoadedModel, ModelDir, save_model};
 pub use tokenize::{Batch, Encoding, Tokenizer};

@@ -135,3 +135,38 @@ impl ModelDir {
         })
     }
 }
+
+/// Writes `model` as a model directory at `out`, the tokenizer copied from `tokenizer_json`.
+///
+/// Files are written under temporary names and renamed into place, so an interrupted save
+/// never leaves a directory whose files come from two different models.
+pub fn save_model(
+    model: &MultiExitBert,
+    tokenizer_json: &Path,
+    out: &Path,
+    dtype: weights::StorageDType,
+) -> Result<()> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |error| Error::Io { path, error }
+    };
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let staged = |name: &str| out.join(format!(".{name}.partial"));
+    let config = serde_json::to_string_pretty(model.config()).expect("configs serialise");
+    std::fs::write(staged(CONFIG_FILE), config).map_err(io(&staged(CONFIG_FILE)))?;
+    let exits = serde_json::to_string_pretty(model.exit_config()).expect("configs serialise");
+    std::fs::write(staged(EXIT_CONFIG_FILE), exits).map_err(io(&staged(EXIT_CONFIG_FILE)))?;
+    std::fs::copy(tokenizer_json, staged(TOKENIZER_FILE)).map_err(io(tokenizer_json))?;
+    weights::save(&model.bert, &staged(WEIGHTS_FILE), dtype)?;
+    weights::save(&model.exits, &staged(EXIT_WEIGHTS_FILE), dtype)?;
+    for name in [
+        CONFIG_FILE,
+        EXIT_CONFIG_FILE,
+        TOKENIZER_FILE,
+        WEIGHTS_FILE,
+        EXIT_WEIGHTS_FILE,
+    ] {
+        std::fs::rename(staged(name), out.join(name)).map_err(io(&out.join(name)))?;
+    }
+    Ok(())
+}

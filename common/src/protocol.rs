@@ -69,12 +69,14 @@ pub enum PayloadEncoding {
 impl PayloadEncoding {
     pub const ALL: [PayloadEncoding; 3] = [Self::F32, Self::F16, Self::Int8PerToken];
 
+    /// Payload bytes for `seq_len` tokens. Saturates instead of overflowing: the arguments
+    /// may come off the wire, and a saturated length simply never matches a real payload.
     pub fn payload_len(self, seq_len: usize, hidden_size: usize) -> usize {
-        let values = seq_len * hidden_size;
+        let values = seq_len.saturating_mul(hidden_size);
         match self {
-            Self::F32 => values * 4,
-            Self::F16 => values * 2,
-            Self::Int8PerToken => seq_len * 4 + values,
+            Self::F32 => values.saturating_mul(4),
+            Self::F16 => values.saturating_mul(2),
+            Self::Int8PerToken => seq_len.saturating_mul(4).saturating_add(values),
         }
     }
 
@@ -179,7 +181,7 @@ pub struct ProtocolError {
 }
 
 impl ProtocolError {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),
@@ -220,11 +222,15 @@ struct RequestMetadata {
 }
 
 fn frame(kind: FrameKind, body: &[u8]) -> Vec<u8> {
+    // Bodies are bounded by the model (a full-length f32 payload is < 1 MiB for BERT-base
+    // sizes); a body past 4 GiB would be a caller bug, not input, and would otherwise be
+    // announced with a silently wrapped length.
+    let len = u32::try_from(body.len()).expect("frame bodies are smaller than 4 GiB");
     let mut frame = Vec::with_capacity(HEADER_LEN + body.len());
     frame.extend_from_slice(&MAGIC);
     frame.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     frame.push(kind as u8);
-    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&len.to_le_bytes());
     frame.extend_from_slice(body);
     frame
 }
@@ -247,8 +253,52 @@ pub fn encode_request(request: &OffloadRequest) -> Vec<u8> {
     frame(FrameKind::Request, &body)
 }
 
+/// Longest error message put on the wire; longer ones are cut (on a character boundary) so
+/// that an error frame always fits the response limit whatever produced the message.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
+
+/// Encodes a response frame. Never fails: an over-long error message is truncated, and a
+/// response that still exceeds the metadata limit (a model with tens of thousands of labels)
+/// becomes an `internal` error frame rather than a frame the client would refuse.
 pub fn encode_response(response: &Response) -> Vec<u8> {
-    let body = bincode::encode_to_vec(response, config()).expect("responses are small");
+    let truncated;
+    let response = match response {
+        Response::Error(error) if error.message.len() > MAX_ERROR_MESSAGE_BYTES => {
+            let mut cut = MAX_ERROR_MESSAGE_BYTES;
+            while !error.message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            truncated = Response::Error(ErrorFrame {
+                message: error.message[..cut].to_owned(),
+                ..error.clone()
+            });
+            &truncated
+        }
+        other => other,
+    };
+    // bincode's limit only guards decoding; the encoder must check the size itself.
+    let body = match bincode::encode_to_vec(response, config()) {
+        Ok(body) if body.len() <= MAX_METADATA_BYTES => body,
+        result => {
+            let request_id = match response {
+                Response::Answer(answer) => answer.request_id,
+                Response::Error(error) => error.request_id,
+            };
+            let problem = match result {
+                Ok(body) => format!(
+                    "{} bytes exceed the limit of {MAX_METADATA_BYTES}",
+                    body.len()
+                ),
+                Err(e) => e.to_string(),
+            };
+            let fallback = Response::Error(ErrorFrame {
+                request_id,
+                code: ErrorCode::Internal,
+                message: format!("the response could not be encoded: {problem}"),
+            });
+            bincode::encode_to_vec(&fallback, config()).expect("a short error frame encodes")
+        }
+    };
     frame(FrameKind::Response, &body)
 }
 
@@ -336,7 +386,12 @@ pub fn decode_request(
     frame: &[u8],
     max_body_bytes: usize,
 ) -> Result<OffloadRequest, ProtocolError> {
-    let body = frame_body(frame, FrameKind::Request, max_body_bytes)?;
+    decode_request_body(frame_body(frame, FrameKind::Request, max_body_bytes)?)
+}
+
+/// Decodes the body of a request frame whose header was checked with [`decode_header`]: what a
+/// streaming receiver calls after reading exactly the announced number of body bytes.
+pub fn decode_request_body(body: &[u8]) -> Result<OffloadRequest, ProtocolError> {
     let (len, rest) = body.split_at_checked(4).ok_or_else(|| {
         ProtocolError::new(ErrorCode::Malformed, "truncated frame: no metadata length")
     })?;
@@ -394,7 +449,13 @@ impl OffloadRequest {
             ));
         }
         let seq_len = self.seq_len as usize;
-        if seq_len == 0 || seq_len > limits.max_seq_len {
+        if seq_len == 0 {
+            return Err(ProtocolError::new(
+                ErrorCode::WrongShape,
+                "sequence length 0: every tokenized input has at least [CLS] and [SEP]",
+            ));
+        }
+        if seq_len > limits.max_seq_len {
             return Err(ProtocolError::new(
                 ErrorCode::SequenceTooLong,
                 format!(
@@ -443,8 +504,20 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Encodes `[seq, hidden]` f32 hidden states.
+///
+/// Non-finite values are carried, never hidden: f32 and f16 keep them (f16 also turns values
+/// beyond ±65504 into infinities), and int8 gives the token a NaN scale, so the receiver's
+/// [`decode_hidden`] rejects the payload with [`ErrorCode::NonFinite`] instead of computing
+/// on silently zeroed states.
+///
+/// # Panics
+///
+/// When `hidden_size` is 0 or `values` is not a whole number of tokens: both are caller bugs.
 pub fn encode_hidden(values: &[f32], hidden_size: usize, encoding: PayloadEncoding) -> Vec<u8> {
-    assert_eq!(values.len() % hidden_size, 0, "values must be whole tokens");
+    assert!(
+        hidden_size > 0 && values.len().is_multiple_of(hidden_size),
+        "values must be whole tokens of a non-zero hidden size"
+    );
     match encoding {
         PayloadEncoding::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         PayloadEncoding::F16 => values
@@ -455,17 +528,27 @@ pub fn encode_hidden(values: &[f32], hidden_size: usize, encoding: PayloadEncodi
             let tokens = values.chunks_exact(hidden_size);
             let scales: Vec<f32> = tokens
                 .clone()
-                .map(|token| token.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0)
+                .map(|token| {
+                    // `f32::max` ignores NaN, so a NaN would otherwise quantise to 0 unseen.
+                    if token.iter().any(|v| !v.is_finite()) {
+                        f32::NAN
+                    } else {
+                        token.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0
+                    }
+                })
                 .collect();
             let mut out = Vec::with_capacity(encoding.payload_len(scales.len(), hidden_size));
             out.extend(scales.iter().flat_map(|s| s.to_le_bytes()));
             for (token, scale) in tokens.zip(&scales) {
-                let inverse = if *scale > 0.0 { 1.0 / scale } else { 0.0 };
-                out.extend(
-                    token
-                        .iter()
-                        .map(|v| (v * inverse).round().clamp(-127.0, 127.0) as i8 as u8),
-                );
+                // Division rather than multiplication by `1 / scale`: for a subnormal scale
+                // the reciprocal overflows to infinity and would saturate every value.
+                out.extend(token.iter().map(|v| {
+                    if *scale > 0.0 {
+                        (v / scale).round().clamp(-127.0, 127.0) as i8 as u8
+                    } else {
+                        0
+                    }
+                }));
             }
             out
         }
@@ -479,6 +562,12 @@ pub fn decode_hidden(
     seq_len: usize,
     hidden_size: usize,
 ) -> Result<Vec<f32>, ProtocolError> {
+    if hidden_size == 0 {
+        return Err(ProtocolError::new(
+            ErrorCode::WrongShape,
+            "hidden size 0 cannot hold hidden states",
+        ));
+    }
     let expected = encoding.payload_len(seq_len, hidden_size);
     if payload.len() != expected {
         return Err(ProtocolError::new(
@@ -529,4 +618,400 @@ pub fn decode_hidden(
         ));
     }
     Ok(values)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const HIDDEN: usize = 8;
+    const LIMITS: Limits = Limits {
+        max_body_bytes: 64 * HIDDEN * 4 + 4096,
+        max_seq_len: 64,
+        hidden_size: HIDDEN,
+        num_layers: 6,
+    };
+    const FINGERPRINT: [u8; 32] = [7; 32];
+
+    fn request(seq_len: usize, encoding: PayloadEncoding) -> OffloadRequest {
+        let values: Vec<f32> = (0..seq_len * HIDDEN)
+            .map(|i| (i as f32 * 0.37).sin() * 3.0)
+            .collect();
+        OffloadRequest {
+            request_id: 42,
+            fingerprint: FINGERPRINT,
+            split_layer: 3,
+            seq_len: seq_len as u32,
+            encoding,
+            options: ReplyOptions::default(),
+            payload: encode_hidden(&values, HIDDEN, encoding),
+        }
+    }
+
+    fn code(result: Result<impl std::fmt::Debug, ProtocolError>) -> ErrorCode {
+        result.expect_err("an error was expected").code
+    }
+
+    #[test]
+    fn a_valid_request_round_trips_and_validates() {
+        for encoding in PayloadEncoding::ALL {
+            let request = request(5, encoding);
+            let decoded = decode_request(&encode_request(&request), LIMITS.max_body_bytes);
+            assert_eq!(decoded.as_ref(), Ok(&request));
+            decoded.unwrap().validate(&FINGERPRINT, &LIMITS).unwrap();
+        }
+    }
+
+    #[test]
+    fn header_checks_name_the_problem() {
+        let frame = encode_request(&request(4, PayloadEncoding::F32));
+        let mut bad_magic = frame.clone();
+        bad_magic[0] = b'X';
+        assert_eq!(
+            code(decode_request(&bad_magic, 1 << 20)),
+            ErrorCode::Malformed
+        );
+        let mut bad_version = frame.clone();
+        bad_version[4] = 9;
+        assert_eq!(
+            code(decode_request(&bad_version, 1 << 20)),
+            ErrorCode::UnsupportedVersion
+        );
+        let mut bad_kind = frame.clone();
+        bad_kind[6] = FrameKind::Response as u8;
+        assert_eq!(
+            code(decode_request(&bad_kind, 1 << 20)),
+            ErrorCode::Malformed
+        );
+        assert_eq!(code(decode_request(&frame, 16)), ErrorCode::FrameTooLarge);
+        assert_eq!(
+            code(decode_request(&frame[..frame.len() - 1], 1 << 20)),
+            ErrorCode::Malformed
+        );
+        assert_eq!(
+            code(decode_request(&frame[..5], 1 << 20)),
+            ErrorCode::Malformed
+        );
+    }
+
+    #[test]
+    fn validation_names_each_problem() {
+        let good = request(4, PayloadEncoding::F32);
+        let check = |r: &OffloadRequest| code(r.validate(&FINGERPRINT, &LIMITS));
+        assert_eq!(
+            code(good.validate(&[0; 32], &LIMITS)),
+            ErrorCode::WrongFingerprint
+        );
+        let mut r = good.clone();
+        r.split_layer = 6;
+        assert_eq!(check(&r), ErrorCode::SplitOutOfRange);
+        let mut r = good.clone();
+        r.seq_len = 65;
+        assert_eq!(check(&r), ErrorCode::SequenceTooLong);
+        let mut r = good.clone();
+        r.seq_len = 0;
+        assert_eq!(check(&r), ErrorCode::WrongShape);
+        let mut r = good.clone();
+        r.seq_len = 5;
+        assert_eq!(check(&r), ErrorCode::WrongShape);
+        let mut r = good.clone();
+        r.options.cloud_exit_threshold = Some(f32::NAN);
+        assert_eq!(check(&r), ErrorCode::Malformed);
+        let mut r = good.clone();
+        r.options.cloud_exit_threshold = Some(1.5);
+        assert_eq!(check(&r), ErrorCode::Malformed);
+    }
+
+    #[test]
+    fn non_finite_values_are_rejected_in_every_encoding() {
+        for encoding in PayloadEncoding::ALL {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut values = vec![0.5f32; 3 * HIDDEN];
+                values[HIDDEN + 2] = bad;
+                let payload = encode_hidden(&values, HIDDEN, encoding);
+                assert_eq!(
+                    code(decode_hidden(&payload, encoding, 3, HIDDEN)),
+                    ErrorCode::NonFinite,
+                    "{bad} in {}",
+                    encoding.name()
+                );
+            }
+        }
+        // f16 cannot hold 1e6: it becomes infinity, which must be refused, not computed on.
+        let payload = encode_hidden(&[1e6; HIDDEN], HIDDEN, PayloadEncoding::F16);
+        assert_eq!(
+            code(decode_hidden(&payload, PayloadEncoding::F16, 1, HIDDEN)),
+            ErrorCode::NonFinite
+        );
+        // A negative int8 scale is not something our encoder writes.
+        let mut payload = encode_hidden(&[1.0; HIDDEN], HIDDEN, PayloadEncoding::Int8PerToken);
+        payload[..4].copy_from_slice(&(-1.0f32).to_le_bytes());
+        assert_eq!(
+            code(decode_hidden(
+                &payload,
+                PayloadEncoding::Int8PerToken,
+                1,
+                HIDDEN
+            )),
+            ErrorCode::NonFinite
+        );
+    }
+
+    #[test]
+    fn degenerate_shapes_are_errors_not_panics() {
+        assert_eq!(
+            code(decode_hidden(&[], PayloadEncoding::Int8PerToken, 0, 0)),
+            ErrorCode::WrongShape
+        );
+        assert_eq!(
+            code(decode_hidden(
+                &[0; 8],
+                PayloadEncoding::F32,
+                usize::MAX,
+                usize::MAX
+            )),
+            ErrorCode::WrongShape
+        );
+        let zeros = encode_hidden(&[0.0; HIDDEN], HIDDEN, PayloadEncoding::Int8PerToken);
+        assert_eq!(
+            decode_hidden(&zeros, PayloadEncoding::Int8PerToken, 1, HIDDEN),
+            Ok(vec![0.0; HIDDEN])
+        );
+    }
+
+    #[test]
+    fn long_error_messages_are_cut_to_fit() {
+        let response = Response::Error(ErrorFrame {
+            request_id: 9,
+            code: ErrorCode::Internal,
+            message: "é".repeat(100_000),
+        });
+        let frame = encode_response(&response);
+        assert!(frame.len() <= MAX_RESPONSE_FRAME);
+        let Response::Error(error) = decode_response(&frame).unwrap() else {
+            panic!("an error frame was sent")
+        };
+        assert_eq!(error.code, ErrorCode::Internal);
+        assert!(error.message.len() <= MAX_ERROR_MESSAGE_BYTES && error.message.starts_with('é'));
+
+        let huge = Response::Answer(Answer {
+            request_id: 3,
+            probs: vec![0.0; 100_000],
+            predicted: 0,
+            exit_layer: 6,
+            compute_us: 0,
+            queue_us: 0,
+            batch_size: 1,
+        });
+        let Response::Error(error) = decode_response(&encode_response(&huge)).unwrap() else {
+            panic!("an oversized answer must become an error frame")
+        };
+        assert_eq!((error.request_id, error.code), (3, ErrorCode::Internal));
+    }
+
+    fn arb_encoding() -> impl Strategy<Value = PayloadEncoding> {
+        prop_oneof![
+            Just(PayloadEncoding::F32),
+            Just(PayloadEncoding::F16),
+            Just(PayloadEncoding::Int8PerToken)
+        ]
+    }
+
+    fn arb_request() -> impl Strategy<Value = OffloadRequest> {
+        (
+            any::<u64>(),
+            any::<[u8; 32]>(),
+            any::<u16>(),
+            any::<u32>(),
+            arb_encoding(),
+            proptest::option::of(any::<f32>()),
+            proptest::collection::vec(any::<u8>(), 0..600),
+        )
+            .prop_map(
+                |(request_id, fingerprint, split_layer, seq_len, encoding, threshold, payload)| {
+                    OffloadRequest {
+                        request_id,
+                        fingerprint,
+                        split_layer,
+                        seq_len,
+                        encoding,
+                        options: ReplyOptions {
+                            cloud_exit_threshold: threshold,
+                        },
+                        payload,
+                    }
+                },
+            )
+    }
+
+    fn arb_response() -> impl Strategy<Value = Response> {
+        let answer = (
+            any::<u64>(),
+            proptest::collection::vec(any::<f32>(), 0..20),
+            any::<(u32, u16, u64, u64, u16)>(),
+        )
+            .prop_map(
+                |(request_id, probs, (predicted, exit_layer, compute_us, queue_us, batch_size))| {
+                    Response::Answer(Answer {
+                        request_id,
+                        probs,
+                        predicted,
+                        exit_layer,
+                        compute_us,
+                        queue_us,
+                        batch_size,
+                    })
+                },
+            );
+        let error =
+            (any::<u64>(), 0usize..11, ".{0,40}").prop_map(|(request_id, code, message)| {
+                let codes = [
+                    ErrorCode::Malformed,
+                    ErrorCode::UnsupportedVersion,
+                    ErrorCode::FrameTooLarge,
+                    ErrorCode::WrongFingerprint,
+                    ErrorCode::SplitOutOfRange,
+                    ErrorCode::SequenceTooLong,
+                    ErrorCode::WrongShape,
+                    ErrorCode::NonFinite,
+                    ErrorCode::Busy,
+                    ErrorCode::ShuttingDown,
+                    ErrorCode::Internal,
+                ];
+                Response::Error(ErrorFrame {
+                    request_id,
+                    code: codes[code],
+                    message,
+                })
+            });
+        prop_oneof![answer, error]
+    }
+
+    /// Bit-level equality, so that NaN probabilities compare equal to themselves.
+    fn same_response(a: &Response, b: &Response) -> bool {
+        match (a, b) {
+            (Response::Answer(a), Response::Answer(b)) => {
+                a.probs.len() == b.probs.len()
+                    && a.probs
+                        .iter()
+                        .zip(&b.probs)
+                        .all(|(x, y)| x.to_bits() == y.to_bits())
+                    && Answer {
+                        probs: vec![],
+                        ..a.clone()
+                    } == Answer {
+                        probs: vec![],
+                        ..b.clone()
+                    }
+            }
+            _ => a == b,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode_request(&bytes, 1 << 20);
+            let _ = decode_request_body(&bytes);
+            let _ = decode_response(&bytes);
+            if let Some(header) = bytes.first_chunk::<HEADER_LEN>() {
+                let _ = decode_header(header, FrameKind::Request, 1 << 20);
+            }
+        }
+
+        #[test]
+        fn arbitrary_bodies_behind_a_valid_header_never_panic(
+            body in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            for kind in [FrameKind::Request, FrameKind::Response] {
+                let frame = frame(kind, &body);
+                if let Ok(request) = decode_request(&frame, 1 << 20)
+                    && request.validate(&FINGERPRINT, &LIMITS).is_ok()
+                {
+                    let _ = request.hidden_states(HIDDEN);
+                }
+                let _ = decode_response(&frame);
+            }
+        }
+
+        #[test]
+        fn requests_round_trip(request in arb_request()) {
+            let frame = encode_request(&request);
+            let decoded = decode_request(&frame, frame.len()).unwrap();
+            // Compare the threshold by bits: NaN is a legal (if invalid) value on the wire.
+            prop_assert_eq!(
+                decoded.options.cloud_exit_threshold.map(f32::to_bits),
+                request.options.cloud_exit_threshold.map(f32::to_bits)
+            );
+            let without_options = |r: &OffloadRequest| OffloadRequest {
+                options: ReplyOptions::default(),
+                ..r.clone()
+            };
+            prop_assert_eq!(without_options(&decoded), without_options(&request));
+        }
+
+        #[test]
+        fn responses_round_trip(response in arb_response()) {
+            let decoded = decode_response(&encode_response(&response)).unwrap();
+            prop_assert!(same_response(&decoded, &response));
+        }
+
+        #[test]
+        fn mutated_frames_give_errors_not_panics(
+            request in arb_request(),
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4),
+            cut in any::<usize>(),
+        ) {
+            let frame = encode_request(&request);
+            let mut mutated = frame.clone();
+            for (at, xor) in flips {
+                let at = at % mutated.len();
+                mutated[at] ^= xor;
+            }
+            if let Ok(decoded) = decode_request(&mutated, 1 << 20)
+                && decoded.validate(&request.fingerprint, &LIMITS).is_ok()
+            {
+                let _ = decoded.hidden_states(HIDDEN);
+            }
+            // A frame cut anywhere short of its end is always an error.
+            let cut = cut % frame.len();
+            prop_assert!(decode_request(&frame[..cut], 1 << 20).is_err());
+            let response = encode_response(&Response::Error(ErrorFrame {
+                request_id: 1,
+                code: ErrorCode::Busy,
+                message: "busy".into(),
+            }));
+            prop_assert!(decode_response(&response[..cut % response.len()]).is_err());
+        }
+
+        #[test]
+        fn hidden_states_round_trip_within_each_encoding_bound(
+            tokens in proptest::collection::vec(
+                proptest::collection::vec(-50.0f32..50.0, HIDDEN), 1..10),
+            encoding in arb_encoding(),
+        ) {
+            let values: Vec<f32> = tokens.concat();
+            let payload = encode_hidden(&values, HIDDEN, encoding);
+            prop_assert_eq!(payload.len(), encoding.payload_len(tokens.len(), HIDDEN));
+            let decoded = decode_hidden(&payload, encoding, tokens.len(), HIDDEN).unwrap();
+            for (t, token) in tokens.iter().enumerate() {
+                let max = token.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                for (d, &v) in token.iter().enumerate() {
+                    let got = decoded[t * HIDDEN + d];
+                    let bound = match encoding {
+                        PayloadEncoding::F32 => 0.0,
+                        // Half precision: 11 significant bits, or the subnormal spacing.
+                        PayloadEncoding::F16 => (v.abs() * 2f32.powi(-11)).max(2f32.powi(-25)),
+                        // Half a quantisation step of this token, plus float rounding.
+                        PayloadEncoding::Int8PerToken => max / 127.0 * 0.5 + max * 1e-6,
+                    };
+                    prop_assert!((got - v).abs() <= bound, "{} → {} in {}", v, got, encoding.name());
+                }
+            }
+        }
+    }
 }

@@ -65,6 +65,11 @@ impl Tokenizer {
         Ok(Self { inner, pad_id })
     }
 
+    /// The id padding positions are filled with (`[PAD]`).
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+
     pub fn encode(&self, text: &str) -> Result<Encoding> {
         let encoding = self
             .inner

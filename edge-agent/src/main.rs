@@ -21,8 +21,9 @@ struct Cli {
 enum Command {
     /// Print a model's summary, the tokens of a text and per-layer timing and exits.
     Inspect {
-        /// Model directory (config.json, tokenizer.json, model.safetensors[, exits.*]).
-        #[arg(long)]
+        /// Model directory (config.json, tokenizer.json, model.safetensors[, exits.*]);
+        /// default: the model embedded in the repository.
+        #[arg(long, default_value = "models/default")]
         model: PathBuf,
         /// Compute backend: flex, ndarray or wgpu.
         #[arg(long, default_value_t = BackendChoice::default())]

@@ -1,1 +1,196 @@
-fn main() {}
+//! `simulations`: a thin command-line dispatcher over the library.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use simulations::experiment::{ExperimentConfig, Prepared, run_experiment};
+use simulations::matrix::ConfidenceMatrix;
+use simulations::record::record;
+use simulations::synth::{SynthSpec, generate};
+use simulations::training::{self, TrainConfig, Trainer};
+use splitee_common::dataset::Dataset;
+use splitee_common::{BackendChoice, ModelDir};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Offline split early-exit simulations on network traces"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an experiment config (TOML): CSVs, plots and report.md under --out.
+    Experiment {
+        config: PathBuf,
+        #[arg(long, default_value = "results")]
+        out: PathBuf,
+        /// Use this matrix instead of the config's (same format), e.g. a synthetic one.
+        #[arg(long)]
+        matrix: Option<PathBuf>,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Write a SYNTHETIC confidence matrix in splitee's format (see `simulations::synth`).
+    Synth {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 10_000)]
+        samples: usize,
+        #[arg(long, default_value_t = 6)]
+        layers: usize,
+        #[arg(long, default_value_t = 2)]
+        classes: usize,
+        #[arg(long, default_value_t = 384)]
+        hidden: usize,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+    /// Run a model over a labelled TSV and write its per-exit probabilities and per-layer
+    /// compute times as a confidence matrix (CSV).
+    Record {
+        /// Model directory (default: the embedded model).
+        #[arg(long, default_value = "models/default")]
+        model: PathBuf,
+        /// GLUE-style TSV (`sentence` and `label` columns).
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Record only the first N samples.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long, default_value_t = BackendChoice::default())]
+        backend: BackendChoice,
+    },
+    /// Per-exit accuracy and the threshold table of a model on a labelled TSV (markdown).
+    Evaluate {
+        #[arg(long, default_value = "models/default")]
+        model: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = BackendChoice::default())]
+        backend: BackendChoice,
+    },
+    /// Train the exit heads of a multi-exit model (TOML config, see configs/train-*.toml).
+    Train {
+        config: PathBuf,
+        #[arg(long, default_value_t = BackendChoice::default())]
+        backend: BackendChoice,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Experiment {
+            config,
+            out,
+            matrix,
+            threads,
+            quiet,
+        } => {
+            if let Some(n) = threads {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .build_global()
+                    .context("thread pool")?;
+            }
+            let mut cfg = ExperimentConfig::load(&config)?;
+            if let Some(m) = matrix {
+                cfg.matrix.path = m;
+            }
+            let m = cfg.matrix.format.read(&cfg.matrix.path)?;
+            if m.is_synthetic() {
+                eprintln!("note: {} is SYNTHETIC", cfg.matrix.path.display());
+            }
+            let prepared = Prepared::new(cfg, &m)?;
+            let report = run_experiment(&prepared, &out, !quiet)?;
+            println!("{report}");
+            eprintln!("wrote {}", out.display());
+        }
+        Command::Synth {
+            out,
+            samples,
+            layers,
+            classes,
+            hidden,
+            seed,
+        } => {
+            let m: ConfidenceMatrix = generate(SynthSpec {
+                samples,
+                layers,
+                classes,
+                hidden,
+                seed,
+            })?;
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            m.write_csv(&out)?;
+            eprintln!(
+                "wrote SYNTHETIC matrix {} ({samples} samples)",
+                out.display()
+            );
+        }
+        Command::Record {
+            model,
+            data,
+            out,
+            limit,
+            backend,
+        } => {
+            let device = backend.device().map_err(anyhow::Error::msg)?;
+            let loaded = ModelDir::open(&model)?.load(&device)?;
+            let dataset = Dataset::read_tsv(&data)?;
+            for bad in &dataset.bad_rows {
+                eprintln!("warning: {}: skipped {bad}", data.display());
+            }
+            let step = (dataset.examples.len() / 20).max(1);
+            let matrix = record(&loaded, &dataset, backend, &device, limit, |done, total| {
+                if done % step == 0 || done == total {
+                    eprintln!("recorded {done}/{total}");
+                }
+            })?;
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            matrix.write_csv(&out)?;
+            eprintln!("wrote {} ({} samples)", out.display(), matrix.len());
+        }
+        Command::Evaluate {
+            model,
+            data,
+            backend,
+        } => {
+            let device = backend.device().map_err(anyhow::Error::msg)?;
+            let outputs = training::evaluate(&model, &data, &device)?;
+            println!(
+                "{} on {} ({} samples):\n",
+                model.display(),
+                data.display(),
+                outputs.len()
+            );
+            println!("{}", outputs.markdown(&[0.6, 0.7, 0.8, 0.9]));
+        }
+        Command::Train { config, backend } => {
+            let config = TrainConfig::from_file(&config)?;
+            // The one place the device is chosen.
+            let device = backend.device().map_err(anyhow::Error::msg)?;
+            let report = Trainer::new(&config, device, true).run()?;
+            println!(
+                "trained on {} examples in {:.0} s; test split:",
+                report.train_examples, report.seconds
+            );
+            println!("{}", report.test.markdown(&[0.6, 0.7, 0.8, 0.9]));
+        }
+    }
+    Ok(())
+}

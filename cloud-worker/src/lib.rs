@@ -1,0 +1,24 @@
+//! splitee's cloud worker: a QUIC server that finishes split forward passes.
+//!
+//! Edge agents send the hidden states after their split layer `s` (see
+//! [`splitee_common::protocol`]); the worker runs layers `s+1..L` in dynamic batches on a
+//! dedicated compute thread and answers with the final exit's probabilities (or an earlier
+//! cloud-side exit's, when the request asks for it), with its own queueing and compute time.
+//!
+//! * [`config`] – the TOML configuration and its defaults.
+//! * [`server`] – connections, request streams, admission control, graceful shutdown.
+//! * [`compute`] – the compute thread and the batching policy.
+//! * [`metrics`] – Prometheus metrics and the `/metrics` + `/healthz` HTTP endpoint.
+//! * [`certs`] – `gen-certs`: a development CA with server and client certificates.
+//!
+//! The binary (`src/main.rs`) only parses the command line and calls into this library.
+
+pub mod certs;
+pub mod compute;
+pub mod config;
+pub mod metrics;
+pub mod server;
+
+pub use certs::{CertOptions, GeneratedCerts, gen_certs};
+pub use config::WorkerConfig;
+pub use server::Worker;

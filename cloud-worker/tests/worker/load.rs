@@ -1,0 +1,128 @@
+//! Many clients at once: all served without errors; past the in-flight bound, `busy` at once.
+
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use splitee_common::protocol::{ErrorCode, PayloadEncoding, Response};
+use splitee_common::transport;
+
+use super::*;
+
+const CLIENTS: usize = 64;
+const REQUESTS: usize = 200;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_clients_times_two_hundred_requests_complete_without_errors() {
+    let harness = Harness::start(|config, _| {
+        config.batching.max_batch_size = 64;
+        config.batching.max_wait_us = 500;
+    })
+    .await;
+    // Short sequences and split 5 (the cloud runs one layer) keep the compute cheap: this
+    // test is about the server, not the model.
+    let texts = ["ok", "fine film", "not good", "great"];
+    let templates: Vec<_> = texts
+        .iter()
+        .map(|text| harness.request(text, 5, PayloadEncoding::F32, 0))
+        .collect();
+    let expected: Vec<_> = texts
+        .iter()
+        .map(|text| harness.local_probs(text, 6))
+        .collect();
+    let addr = harness.worker.local_addr();
+    let started = Instant::now();
+    let mut clients = tokio::task::JoinSet::new();
+    for client in 0..CLIENTS {
+        let endpoint = harness.client_endpoint();
+        let templates = templates.clone();
+        let expected = expected.clone();
+        clients.spawn(async move {
+            let connection = transport::connect(&endpoint, addr, "localhost")
+                .await
+                .unwrap();
+            let mut biggest_batch = 0;
+            for i in 0..REQUESTS {
+                let which = (client + i) % templates.len();
+                let mut request = templates[which].clone();
+                request.request_id = (client * REQUESTS + i) as u64;
+                let answer = match transport::offload(&connection, &request).await {
+                    Ok(Response::Answer(answer)) => answer,
+                    other => panic!("client {client} request {i}: {other:?}"),
+                };
+                assert!(max_abs_diff(&answer.probs, &expected[which]) <= 1e-5);
+                biggest_batch = biggest_batch.max(answer.batch_size);
+            }
+            connection.close(0u32.into(), b"done");
+            endpoint.wait_idle().await;
+            biggest_batch
+        });
+    }
+    let mut biggest_batch = 0;
+    while let Some(result) = clients.join_next().await {
+        biggest_batch = biggest_batch.max(result.unwrap());
+    }
+    let elapsed = started.elapsed();
+    let total = (CLIENTS * REQUESTS) as u64;
+    println!(
+        "{total} requests from {CLIENTS} clients in {elapsed:.2?} ({:.0} requests/s), largest batch {biggest_batch}",
+        total as f64 / elapsed.as_secs_f64()
+    );
+    let metrics = harness.worker.metrics();
+    assert_eq!(metrics.answers.get(), total);
+    assert_eq!(metrics.requests.get(), total);
+    assert!(biggest_batch > 1, "concurrent clients never shared a batch");
+    harness.worker.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_in_flight_bound_requests_are_refused_busy_at_once() {
+    // One slot, held for 300 ms by the first request waiting for its batch to fill.
+    let harness = Harness::start(|config, _| {
+        config.batching.max_in_flight = 1;
+        config.batching.max_batch_size = 8;
+        config.batching.max_wait_us = 300_000;
+    })
+    .await;
+    let connection = harness.connect().await;
+    let request = harness.request("busy busy", 5, PayloadEncoding::F32, 5);
+    let started = Instant::now();
+    let send = || {
+        let connection = connection.clone();
+        let request = request.clone();
+        tokio::spawn(async move {
+            let response = transport::offload(&connection, &request).await;
+            (response, started.elapsed())
+        })
+    };
+    let mut tasks = vec![send()];
+    // Let the first request take the slot before the others arrive.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for _ in 0..15 {
+        tasks.push(send());
+    }
+    let results: Vec<_> = join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let (first, _) = &results[0];
+    assert!(matches!(first, Ok(Response::Answer(_))), "{first:?}");
+    for (result, elapsed) in &results[1..] {
+        match result {
+            Ok(Response::Error(error)) => {
+                assert_eq!(error.code, ErrorCode::Busy, "{error:?}");
+                assert!(error.message.contains("in flight"), "{}", error.message);
+                // Answered at once, not after the slot freed up (300 ms after the start).
+                assert!(
+                    *elapsed < Duration::from_millis(250),
+                    "busy after {elapsed:?}"
+                );
+            }
+            other => panic!("expected busy, got {other:?}"),
+        }
+    }
+    assert_eq!(harness.worker.metrics().errors(ErrorCode::Busy), 15);
+    // Once the slot is free again, requests are served.
+    expect_answer(transport::offload(&connection, &request).await.unwrap());
+    harness.worker.shutdown().await.unwrap();
+}

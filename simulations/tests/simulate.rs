@@ -1,0 +1,687 @@
+//! Parsers (good and malformed files), network models and the simulator, end to end.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rand::SeedableRng;
+use simulations::device::{DeviceConfig, Encoding};
+use simulations::error::InputError;
+use simulations::experiment::{ExperimentConfig, Prepared, reconvergence, run_experiment};
+use simulations::matrix::{ConfidenceMatrix, MatrixFormat, SampleRow};
+use simulations::network::{BaseTrace, GilbertElliott, Link, LinkQueue, Rtt, StepChange};
+use simulations::sim::{Arrivals, RunResult, RunSpec, Workload, run};
+use simulations::synth::{SynthSpec, generate};
+use splitee_bandits::{
+    ArmSpace, Controller, CostModel, DecisionRule, ExitCheck, Fallback, PolicyConfig, RewardKind,
+    RewardModel, RewardRange,
+};
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    fs::write(&p, text).unwrap();
+    p
+}
+
+fn matrix_err(text: &str) -> InputError {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "m.csv", text);
+    ConfidenceMatrix::read_csv(&p).unwrap_err()
+}
+
+const HEADER: &str = "id,label,tokens,exit1_p0,exit1_p1,exit2_p0,exit2_p1,layer1_ms,layer2_ms";
+
+#[test]
+fn splitee_matrix_reads_metadata_and_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "m.csv",
+        &format!(
+            "# model=abc hidden=8 layers=2 machine=test\n{HEADER}\ns0,1,4,0.2,0.8,0.1,0.9,1.0,2.0\ns1,,6,0.6,0.4,0.3,0.7,1.0,4.0\n"
+        ),
+    );
+    let m = ConfidenceMatrix::read_csv(&p).unwrap();
+    assert_eq!(m.len(), 2);
+    assert_eq!(m.metadata()["machine"], "test");
+    assert_eq!(m.exit_layers(), &[1, 2]);
+    assert_eq!(m.label(1), None);
+    assert_eq!(m.predictions(1), &[0, 1]);
+    assert_eq!(m.confidences(0), &[0.8f32 as f64, 0.9f32 as f64]);
+    assert_eq!(m.mean_layer_ms().unwrap(), vec![1.0, 3.0]);
+}
+
+#[test]
+fn malformed_splitee_matrices_name_line_and_column() {
+    let e = matrix_err(&format!(
+        "# c\n{HEADER}\ns0,1,4,0.2,0.8,0.1,0.9,1.0,2.0\ns1,1,4,0.2,abc,0.1,0.9,1.0,2.0\n"
+    ));
+    assert_eq!(e.line, Some(4), "{e}");
+    assert_eq!(e.column.as_deref(), Some("exit1_p1"), "{e}");
+    assert!(e.message.contains("abc"), "{e}");
+
+    let e = matrix_err(&format!("{HEADER}\ns0,1,4,0.2,0.7,0.1,0.9,1.0,2.0\n"));
+    assert_eq!(e.line, Some(2));
+    assert!(e.message.contains("sum"), "{e}");
+
+    let e = matrix_err(&format!("{HEADER}\ns0,1,4,0.2,0.8,0.1,0.9,1.0\n"));
+    assert_eq!(e.line, Some(2));
+    assert!(e.message.contains("fields"), "{e}");
+
+    let e = matrix_err(&format!("{HEADER}\ns0,2,4,0.2,0.8,0.1,0.9,1.0,2.0\n"));
+    assert!(e.message.contains("label 2"), "{e}");
+
+    let e = matrix_err(&format!("{HEADER}\ns0,1,4,0.2,0.8,0.1,0.9,1.0,-2.0\n"));
+    assert_eq!(e.column.as_deref(), Some("layer2_ms"), "{e}");
+
+    let e =
+        matrix_err("id,label,tokens,exit2_p0,exit2_p1,exit1_p0,exit1_p1\ns,0,1,0.5,0.5,0.5,0.5\n");
+    assert!(e.message.contains("ascend"), "{e}");
+    let e =
+        matrix_err("id,label,tokens,exit1_p0,exit1_p1,exit2_p1,exit2_p0\ns,0,1,0.5,0.5,0.5,0.5\n");
+    assert!(e.message.contains("in order"), "{e}");
+    let e = matrix_err("id,label,tokens,exit1_p0,exit1_p1,layer2_ms\ns,0,1,0.5,0.5,1\n");
+    assert!(e.message.contains("layer1_ms"), "{e}");
+    // Exits at 1 and 2 but three timed layers: no final classifier.
+    let e = matrix_err(
+        "id,label,tokens,exit1_p0,exit1_p1,layer1_ms,layer2_ms,layer3_ms\ns,0,1,0.5,0.5,1,1,1\n",
+    );
+    assert!(e.message.contains("last exit"), "{e}");
+    let e = matrix_err(&format!(
+        "# layers=3\n{HEADER}\ns0,1,4,0.2,0.8,0.1,0.9,1.0,2.0\n"
+    ));
+    assert!(e.message.contains("layers=3"), "{e}");
+    let e = matrix_err(&format!("{HEADER}\n"));
+    assert!(e.message.contains("no samples"), "{e}");
+    // The Display form carries everything a user needs.
+    let e = matrix_err(&format!("{HEADER}\ns0,x,4,0.2,0.8,0.1,0.9,1.0,2.0\n"));
+    let shown = e.to_string();
+    assert!(
+        shown.ends_with("m.csv:2: column `label`: `x` is not a non-negative integer"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn published_formats_read_and_reject_malformed_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "u.tsv",
+        "0\t1\t2\top_labels\n1\t1\t0\t0\n0 1 1 1\n",
+    );
+    let m = MatrixFormat::UeeTsv.read(&p).unwrap();
+    assert_eq!((m.len(), m.num_layers()), (2, 3));
+    assert_eq!(m.predictions(1), &[0, 1, 1]);
+    assert!(!m.has_confidences());
+    let p = write(
+        dir.path(),
+        "u2.tsv",
+        "0\t1\top_labels\n1\t1\t0\n1\t0.5\t1\n",
+    );
+    let e = MatrixFormat::UeeTsv.read(&p).unwrap_err();
+    assert_eq!((e.line, e.column.as_deref()), (Some(3), Some("1")), "{e}");
+    let p = write(dir.path(), "u3.tsv", "0\t1\top_labels\n1\t1\n");
+    assert!(
+        MatrixFormat::UeeTsv
+            .read(&p)
+            .unwrap_err()
+            .message
+            .contains("2 fields")
+    );
+    let p = write(dir.path(), "u4.tsv", "1\t0\top_labels\n1\t1\t1\n");
+    assert_eq!(MatrixFormat::UeeTsv.read(&p).unwrap_err().line, Some(1));
+
+    let header =
+        ",conf_branch_1,infered_class_branches_1,conf_branch_2,infered_class_branches_2,target";
+    let p = write(
+        dir.path(),
+        "a.csv",
+        &format!("{header}\n0,0.7,3,0.9,4.0,4\n1,0.55,2,0.8,2,\n"),
+    );
+    let m = MatrixFormat::AdaeeCsv.read(&p).unwrap();
+    assert_eq!(m.confidences(0), &[0.7, 0.9]);
+    assert_eq!(m.predictions(0), &[3, 4]);
+    assert_eq!((m.label(0), m.label(1)), (Some(4), None));
+    let p = write(
+        dir.path(),
+        "a2.csv",
+        &format!("{header}\n0,1.7,3,0.9,4,4\n"),
+    );
+    let e = MatrixFormat::AdaeeCsv.read(&p).unwrap_err();
+    assert_eq!(
+        (e.line, e.column.as_deref()),
+        (Some(2), Some("conf_branch_1")),
+        "{e}"
+    );
+    let p = write(dir.path(), "a3.csv", "conf_branch_1,target\n0.5,1\n");
+    assert!(
+        MatrixFormat::AdaeeCsv
+            .read(&p)
+            .unwrap_err()
+            .message
+            .contains("infered_class_branches_1")
+    );
+}
+
+#[test]
+fn traces_parse_and_reject_malformed_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = BaseTrace::read_mahimahi(&write(dir.path(), "a.up", "1\n2\nx\n")).unwrap_err();
+    assert_eq!(e.line, Some(3), "{e}");
+    let e = BaseTrace::read_mahimahi(&write(dir.path(), "b.up", "5\n3\n")).unwrap_err();
+    assert!(e.message.contains("before"), "{e}");
+    assert!(BaseTrace::read_mahimahi(&write(dir.path(), "c.up", "0\n")).is_err());
+    let e = BaseTrace::read_norway(&write(dir.path(), "n", "0.0\t1.0\n1.0\tfast\n")).unwrap_err();
+    assert_eq!(
+        (e.line, e.column.as_deref()),
+        (Some(2), Some("2 (Mbit/s)")),
+        "{e}"
+    );
+    let e = BaseTrace::read_norway(&write(dir.path(), "n2", "0.0\t1.0\n0.0\t1.0\n")).unwrap_err();
+    assert!(e.message.contains("ascend"), "{e}");
+    assert!(BaseTrace::read_norway(&write(dir.path(), "n3", "0.0\t0\n1.0\t0\n")).is_err());
+    let g = write(dir.path(), "g.csv", "seq_num,A_mbps\n0,12\n1,-3\n");
+    let e = BaseTrace::read_fivegophers(&g, "A_mbps").unwrap_err();
+    assert_eq!(
+        (e.line, e.column.as_deref()),
+        (Some(3), Some("A_mbps")),
+        "{e}"
+    );
+    assert!(
+        BaseTrace::read_fivegophers(&g, "B_mbps")
+            .unwrap_err()
+            .message
+            .contains("no column")
+    );
+    let r = write(
+        dir.path(),
+        "rtt.csv",
+        "rtt_ms,carrier,server_location\n40,X,E\n50,Y,E\nabc,X,W\n",
+    );
+    let e = Rtt::read_fivegophers(&r, Some("x"), None).unwrap_err();
+    assert_eq!(e.line, Some(4), "{e}");
+    assert_eq!(
+        Rtt::read_fivegophers(&r, Some("Y"), Some("E")).unwrap(),
+        Rtt::Samples(vec![50.0])
+    );
+}
+
+#[test]
+fn shared_traces_parse() {
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/traces");
+    if !shared.exists() {
+        eprintln!("shared/traces not present; skipped");
+        return;
+    }
+    for f in fs::read_dir(shared.join("mahimahi")).unwrap() {
+        let p = f.unwrap().path();
+        if p.extension().is_some_and(|e| e == "up" || e == "down") {
+            BaseTrace::read_mahimahi(&p).unwrap();
+        }
+    }
+    for f in fs::read_dir(shared.join("norway-3g")).unwrap() {
+        let p = f.unwrap().path();
+        if p.file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("norway_")
+        {
+            BaseTrace::read_norway(&p).unwrap();
+        }
+    }
+    let g = shared.join("5gophers");
+    for col in [
+        "Sprint_throughput_mbps",
+        "TMobile_throughput_mbps",
+        "Verizon_throughput_mbps",
+    ] {
+        BaseTrace::read_fivegophers(&g.join("car-driving-trace-1.csv"), col).unwrap();
+    }
+    BaseTrace::read_fivegophers(&g.join("walking-trace.csv"), "throughput_mbps").unwrap();
+    let rtt = Rtt::read_fivegophers(&g.join("rtt.csv"), Some("VERIZON"), Some("US-East")).unwrap();
+    assert!(matches!(rtt, Rtt::Samples(s) if s.len() == 120));
+}
+
+fn plain(base: BaseTrace) -> Link {
+    Link::plain(Arc::new(base), Arc::new(Rtt::Constant(0.0)))
+}
+
+#[test]
+fn mahimahi_payloads_take_delivery_opportunities_in_fifo_order() {
+    // Opportunities at 2, 2, 5, 9, then the trace loops with period 9 (2+9 = 11, …).
+    let link = plain(BaseTrace::Packets {
+        stamps: vec![2, 2, 5, 9],
+        period_ms: 9,
+    });
+    let mut q = LinkQueue::default();
+    // 3000 bytes = 2 packets at t = 0: both opportunities at 2.
+    assert_eq!(link.transmit(0.0, 3000, &mut q), 2.0);
+    // 1 packet sent at 1 ms: the 2 ms ones are taken, next is 5.
+    assert_eq!(link.transmit(1.0, 10, &mut q), 5.0);
+    // 3 packets at 6: 9, then 11 and 11 (second loop).
+    assert_eq!(link.transmit(6.0, 4500, &mut q), 11.0);
+    // Idle until 30: loop 3 (from 27) has 29, 29, 32: the first at or after 30 is 32.
+    assert_eq!(link.transmit(30.0, 1, &mut q), 32.0);
+    // Rate around t: 4 opportunities per 9 ms ≈ 5.3 Mbit/s.
+    let r = link.rate_mbps(100.0);
+    assert!(
+        (r - 444.0 * 12000.0 / 1e6).abs() < 12000.0 * 2.0 / 1e6,
+        "{r}"
+    );
+}
+
+#[test]
+fn rate_traces_integrate_through_segments_and_outages() {
+    let dir = tempfile::tempdir().unwrap();
+    // 1.2 Mbit/s for 1 s (100 packets), then 0 for 1 s, then 2.4 Mbit/s; loops after 3 s.
+    let p = write(dir.path(), "n", "0\t1.2\n1\t0\n2\t2.4\n");
+    let link = plain(BaseTrace::read_norway(&p).unwrap());
+    let mut q = LinkQueue::default();
+    // 150 packets from 0.5 s: 50 until 1 s, pause, 100 more at 200 per s = 0.5 s after 2 s.
+    let end = link.transmit(500.0, 150 * 1500, &mut q);
+    assert!((end - 2500.0).abs() < 1e-6, "{end}");
+    assert_eq!(link.rate_mbps(1500.0), 0.0);
+    assert_eq!(link.rate_mbps(3500.0), 1.2);
+}
+
+#[test]
+fn gilbert_elliott_outages_delay_transfers() {
+    let ge = GilbertElliott {
+        mean_good_s: 1.0,
+        mean_bad_s: 1.0,
+        loss_good: 0.0,
+        loss_bad: 1.0,
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    let base = Arc::new(BaseTrace::constant(12.0).unwrap());
+    let link = Link::new(
+        base,
+        Arc::new(Rtt::Constant(0.0)),
+        &[],
+        Some(&ge),
+        60_000.0,
+        &mut rng,
+    )
+    .unwrap();
+    let zero = (0..600)
+        .filter(|i| link.rate_mbps(*i as f64 * 100.0) == 0.0)
+        .count();
+    // About half the time in outage with equal means.
+    assert!((150..450).contains(&zero), "{zero}");
+    for i in 0..600 {
+        let t = i as f64 * 100.0;
+        let end = link.transmit(t, 1500, &mut LinkQueue::default());
+        // One packet takes 1 ms at full rate; in an outage it waits for the outage to end.
+        if link.rate_mbps(t) == 0.0 {
+            assert!(end > t + 1.0, "{t} {end}");
+        } else {
+            assert!(
+                end <= t + 1.0 + 1e-9 || link.rate_mbps(end - 0.5) == 0.0,
+                "{t} {end}"
+            );
+        }
+    }
+    assert!(
+        Link::new(
+            Arc::new(BaseTrace::constant(1.0).unwrap()),
+            Arc::new(Rtt::Constant(0.0)),
+            &[StepChange {
+                at_s: 1.0,
+                factor: 0.0
+            }],
+            None,
+            0.0,
+            &mut rng
+        )
+        .is_err()
+    );
+}
+
+/// One sample, L = 2, exits at 1 and 2.
+fn one_sample(c1: f32, c2: f32, label: u32) -> ConfidenceMatrix {
+    let mut m = ConfidenceMatrix::new(2, vec![1, 2], 2, true).unwrap();
+    m.set_metadata("hidden", "100").unwrap();
+    m.push(SampleRow {
+        id: "x",
+        label: Some(label),
+        tokens: 15,
+        probs: &[1.0 - c1, c1, 1.0 - c2, c2],
+        layer_ms: &[10.0, 20.0],
+    })
+    .unwrap();
+    m
+}
+
+fn device() -> DeviceConfig {
+    DeviceConfig {
+        edge: "recorded".into(),
+        edge_scale: 1.0,
+        cloud_speedup: 10.0,
+        hidden: None,
+        encoding: Encoding::F32,
+        default_tokens: 32,
+        overhead_bytes: 0,
+    }
+}
+
+#[test]
+fn a_hand_computed_offload_matches_the_simulator() {
+    let m = one_sample(0.6, 0.9, 1);
+    let w = Workload::new(&m, &device().resolve(&m).unwrap()).unwrap();
+    // 15 tokens × 100 × 4 B = 6000 B = 4 packets; 12 Mbit/s = 1 packet/ms; RTT 30.
+    let link = Link::plain(
+        Arc::new(BaseTrace::constant(12.0).unwrap()),
+        Arc::new(Rtt::Constant(30.0)),
+    );
+    let space = ArmSpace::splits(2, 0.8).unwrap();
+    let model = RewardModel::new(RewardKind::SplitEe, CostModel::measured(0.01).unwrap());
+    let controller = Controller::new(
+        space,
+        DecisionRule::SPLITEE,
+        model,
+        &PolicyConfig::Fixed { arm: 0 },
+        Some(RewardRange::new(-5.0, 1.0).unwrap()),
+    )
+    .unwrap();
+    let r = run(RunSpec {
+        workload: &w,
+        controller,
+        link: &link,
+        arrivals: Arrivals::Fixed {
+            interval_ms: 1000.0,
+        },
+        samples: 2,
+        seed: 0,
+        evaluate_all_heads: true,
+        keep_arm_rewards: true,
+        series_every: 1,
+    })
+    .unwrap();
+    // Split 1, C_1 = 0.6 < 0.8: offload after 10 ms; 4 ms on the link + 30 RTT + 2 ms cloud.
+    assert_eq!(r.latencies_ms, vec![46.0, 46.0]);
+    assert_eq!(r.offloaded, 2);
+    // cost = edge 10 + network 34 = 44 ms; reward = C_L − 0.01·44.
+    assert!((r.cost_sum - 88.0).abs() < 1e-9);
+    assert!((r.reward_sum - 2.0 * (0.9f32 as f64 - 0.44)).abs() < 1e-6);
+    // Arm 2 (all on device): 0.9 − 0.01·30 = 0.6 > 0.46: the fixed arm has regret.
+    assert!((r.arm_means()[1] - (0.9f32 as f64 - 0.3)).abs() < 1e-6);
+    assert_eq!(r.best_arm().0, 1);
+    assert!((r.pseudo_regret_curve()[1] - 2.0 * 0.14).abs() < 1e-5);
+    assert_eq!(r.accuracy(), Some(1.0));
+    assert_eq!(r.bytes_sent, 12_000);
+}
+
+fn synth_workload(samples: usize, layers: usize, edge_scale: f64) -> (ConfidenceMatrix, Workload) {
+    let m = generate(SynthSpec {
+        samples,
+        layers,
+        classes: 2,
+        hidden: 384,
+        seed: 11,
+    })
+    .unwrap();
+    let mut dev = device();
+    dev.edge_scale = edge_scale;
+    let w = Workload::new(&m, &dev.resolve(&m).unwrap()).unwrap();
+    (m, w)
+}
+
+fn splitee_run(w: &Workload, policy: PolicyConfig, seed: u64, samples: usize) -> RunResult {
+    let link = Link::plain(
+        Arc::new(BaseTrace::constant(20.0).unwrap()),
+        Arc::new(Rtt::Constant(30.0)),
+    );
+    let controller = Controller::new(
+        ArmSpace::splits(w.num_layers(), 0.9).unwrap(),
+        DecisionRule::SPLITEE,
+        RewardModel::new(
+            RewardKind::SplitEe,
+            CostModel::abstract_units(0.1, 0.3).unwrap(),
+        ),
+        &policy,
+        None,
+    )
+    .unwrap();
+    run(RunSpec {
+        workload: w,
+        controller,
+        link: &link,
+        arrivals: Arrivals::Poisson { rate_per_s: 10.0 },
+        samples,
+        seed,
+        evaluate_all_heads: true,
+        keep_arm_rewards: false,
+        series_every: 0,
+    })
+    .unwrap()
+}
+
+#[test]
+fn runs_are_deterministic_and_learning_beats_random() {
+    let (_, w) = synth_workload(2000, 6, 1.0);
+    let a = splitee_run(&w, PolicyConfig::Ucb1 { c: 1.0 }, 5, 4000);
+    let b = splitee_run(&w, PolicyConfig::Ucb1 { c: 1.0 }, 5, 4000);
+    assert_eq!(a, b);
+    let c = splitee_run(&w, PolicyConfig::Ucb1 { c: 1.0 }, 6, 4000);
+    assert_ne!(a.arrivals_ms, c.arrivals_ms);
+    let random = splitee_run(&w, PolicyConfig::Random { seed: 1 }, 5, 4000);
+    let side = splitee_run(&w, PolicyConfig::SplitEeS { c: 1.0 }, 5, 4000);
+    let regret = |r: &RunResult| *r.pseudo_regret_curve().last().unwrap();
+    assert!(
+        regret(&a) < 0.5 * regret(&random),
+        "{} vs {}",
+        regret(&a),
+        regret(&random)
+    );
+    assert!(
+        regret(&side) < regret(&a),
+        "{} vs {}",
+        regret(&side),
+        regret(&a)
+    );
+    // Same seed, same stream: the random policy's full-information arm sums equal UCB's.
+    assert_eq!(a.arm_reward_sums, random.arm_reward_sums);
+    // The best fixed arm, played always, has no pseudo-regret.
+    let best = a.best_arm().0;
+    let fixed = splitee_run(&w, PolicyConfig::Fixed { arm: best }, 5, 4000);
+    assert!(regret(&fixed).abs() < 1e-9);
+}
+
+#[test]
+fn predictions_only_matrices_need_a_rule_that_ignores_confidences() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::from("0\t1\t2\top_labels\n");
+    for i in 0..50 {
+        text.push_str(&format!("{}\t{}\t1\t1\n", i % 2, i % 3 % 2));
+    }
+    let m = MatrixFormat::UeeTsv
+        .read(&write(dir.path(), "u.tsv", &text))
+        .unwrap();
+    let mut dev = device();
+    dev.edge = write(
+        dir.path(),
+        "pi.toml",
+        "name = \"t\"\nlayer_ms = [1.0, 1.0, 1.0]\nref_tokens = 32\n",
+    )
+    .to_string_lossy()
+    .into_owned();
+    dev.hidden = Some(8);
+    let w = Workload::new(&m, &dev.resolve(&m).unwrap()).unwrap();
+    let link = plain(BaseTrace::constant(10.0).unwrap());
+    let make = |fallback| {
+        Controller::new(
+            ArmSpace::splits(3, 0.0).unwrap(),
+            DecisionRule {
+                check: ExitCheck::SplitOnly,
+                fallback,
+            },
+            RewardModel::new(
+                RewardKind::UeeProxy,
+                CostModel::abstract_units(0.1, 0.0).unwrap(),
+            ),
+            &PolicyConfig::Fixed { arm: 2 },
+            None,
+        )
+        .unwrap()
+    };
+    let spec = |controller| RunSpec {
+        workload: &w,
+        controller,
+        link: &link,
+        arrivals: Arrivals::Fixed { interval_ms: 10.0 },
+        samples: 50,
+        seed: 0,
+        evaluate_all_heads: true,
+        keep_arm_rewards: false,
+        series_every: 0,
+    };
+    let r = run(spec(make(Fallback::ExitAtSplit))).unwrap();
+    assert_eq!(r.accuracy(), Some(1.0));
+    assert_eq!(r.offloaded, 0);
+    assert!(run(spec(make(Fallback::Offload))).is_err());
+}
+
+#[test]
+fn sliding_window_ucb_reconverges_after_a_link_drop() {
+    let (_, w) = synth_workload(3000, 6, 20.0);
+    let steps = [StepChange {
+        at_s: 200.0,
+        factor: 0.02,
+    }];
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let link = Link::new(
+        Arc::new(BaseTrace::constant(40.0).unwrap()),
+        Arc::new(Rtt::Constant(20.0)),
+        &steps,
+        None,
+        1e9,
+        &mut rng,
+    )
+    .unwrap();
+    let go = |policy: PolicyConfig| {
+        let controller = Controller::new(
+            ArmSpace::splits(6, 0.9).unwrap(),
+            DecisionRule::SPLITEE,
+            RewardModel::new(RewardKind::SplitEe, CostModel::measured(0.004).unwrap()),
+            &policy,
+            Some(RewardRange::new(-0.5, 1.0).unwrap()),
+        )
+        .unwrap();
+        run(RunSpec {
+            workload: &w,
+            controller,
+            link: &link,
+            arrivals: Arrivals::Fixed { interval_ms: 200.0 },
+            samples: 8000,
+            seed: 2,
+            evaluate_all_heads: true,
+            keep_arm_rewards: true,
+            series_every: 0,
+        })
+        .unwrap()
+    };
+    let sw = go(PolicyConfig::SlidingWindowUcb {
+        window: 500,
+        c: 1.0,
+    });
+    let rc = reconvergence(&sw, &steps, 200, 0.8);
+    assert_eq!(rc.len(), 1);
+    // The drop makes offloading expensive: the best split moves deeper.
+    assert!(rc[0].best_after > rc[0].best_before, "{rc:?}");
+    let sw_samples = rc[0].samples.expect("sliding window re-converges");
+    let ucb = go(PolicyConfig::Ucb1 { c: 1.0 });
+    let rc_ucb = reconvergence(&ucb, &steps, 200, 0.8);
+    assert!(
+        rc_ucb[0].samples.is_none_or(|s| s > sw_samples),
+        "UCB1 {rc_ucb:?} vs SW {sw_samples}"
+    );
+}
+
+#[test]
+fn an_experiment_config_runs_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = generate(SynthSpec {
+        samples: 300,
+        layers: 4,
+        classes: 3,
+        hidden: 64,
+        seed: 1,
+    })
+    .unwrap();
+    let mpath = dir.path().join("m.csv");
+    m.write_csv(&mpath).unwrap();
+    let up = write(
+        dir.path(),
+        "t.up",
+        &(1..=50).map(|i| format!("{}\n", i * 2)).collect::<String>(),
+    );
+    let config = format!(
+        r#"
+name = "tiny"
+samples = 400
+seeds = [1, 2]
+series_every = 10
+[matrix]
+path = "{m}"
+[arrivals]
+kind = "poisson"
+rate_per_s = 20
+[device]
+edge = "recorded"
+cloud_speedup = 5
+encoding = "f16"
+[arms]
+splits = "exits"
+thresholds = [0.8, 0.95]
+[reward]
+kind = "split-ee"
+costs = "abstract"
+lambda = [0.1]
+offload = [0.2, 0.5]
+[[links]]
+name = "mm"
+trace = {{ kind = "mahimahi", path = "{up}" }}
+rtt = {{ kind = "constant", ms = 20 }}
+steps = [{{ at_s = 10, factor = 0.1 }}]
+loss = {{ mean_good_s = 5, mean_bad_s = 0.5, loss_bad = 0.5 }}
+[[policies]]
+name = "SplitEE"
+policy = {{ kind = "ucb1" }}
+[[policies]]
+name = "final"
+policy = {{ kind = "fixed", arm = 7 }}
+[report]
+baseline = "final"
+"#,
+        m = mpath.display(),
+        up = up.display()
+    );
+    let cfg: ExperimentConfig = toml::from_str(&config).unwrap();
+    let prepared = Prepared::new(cfg.clone(), &m).unwrap();
+    let out = dir.path().join("out");
+    let report = run_experiment(&prepared, &out, false).unwrap();
+    assert!(report.contains("SYNTHETIC"));
+    assert!(report.contains("cost cut against `final`"));
+    assert!(report.contains("re-convergence"));
+    for f in [
+        "runs.csv",
+        "summary.csv",
+        "series.csv",
+        "report.md",
+        "reconvergence.csv",
+        "regret_mm_lambda0.1_o0.2.png",
+        "regret_mm_lambda0.1_o0.5.svg",
+        "arms_mm_lambda0.1_o0.2.png",
+        "accuracy_vs_cost.svg",
+    ] {
+        assert!(out.join(f).metadata().is_ok_and(|m| m.len() > 0), "{f}");
+    }
+    let runs = fs::read_to_string(out.join("runs.csv")).unwrap();
+    assert_eq!(runs.lines().count(), 1 + 2 * 2 * 2);
+    // Deterministic: a second run writes the same numbers.
+    let again = dir.path().join("again");
+    run_experiment(&Prepared::new(cfg, &m).unwrap(), &again, false).unwrap();
+    assert_eq!(runs, fs::read_to_string(again.join("runs.csv")).unwrap());
+}

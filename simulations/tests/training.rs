@@ -1,0 +1,171 @@
+//! Short training runs on a tiny subset of sentence-polarity: both strategies must make the
+//! training loss fall, and the saved model must load and answer.
+
+use std::path::{Path, PathBuf};
+
+use simulations::training::{Distillation, Stage, Storage, Strategy, TrainConfig, Trainer};
+use splitee_common::{BackendChoice, ModelDir};
+
+fn shared() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared")
+}
+
+/// The first `rows` data rows of a shared TSV, written to `dir`.
+fn subset(source: &str, rows: usize, dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(shared().join(source)).unwrap();
+    let path = dir.join(Path::new(source).file_name().unwrap());
+    let head: Vec<&str> = text.lines().take(rows + 1).collect();
+    std::fs::write(&path, head.join("\n") + "\n").unwrap();
+    path
+}
+
+fn config(dir: &Path, strategy: Strategy) -> TrainConfig {
+    TrainConfig {
+        base_model: shared().join("models/all-MiniLM-L6-v2"),
+        train: subset("data/sentence-polarity/train.tsv", 48, dir),
+        dev: subset("data/sentence-polarity/dev.tsv", 16, dir),
+        test: subset("data/sentence-polarity/test.tsv", 16, dir),
+        output: dir.join("model"),
+        exit_layers: None,
+        pooling: Default::default(),
+        labels: vec!["negative".into(), "positive".into()],
+        strategy,
+        seed: 7,
+        max_seq_len: 32,
+        batch_size: 16,
+        max_train_examples: None,
+        checkpoint_dir: Some(dir.join("checkpoints")),
+        storage: Storage::F16,
+    }
+}
+
+fn stage(epochs: usize, learning_rate: f64) -> Stage {
+    Stage {
+        epochs,
+        learning_rate,
+        // No early stop: the test is about the loss, on a dev set too small to mean anything.
+        patience: epochs,
+        weight_decay: 0.0,
+    }
+}
+
+fn losses(report: &simulations::training::TrainReport, stage: &str) -> Vec<f64> {
+    report
+        .history
+        .iter()
+        .filter(|r| r.stage == stage)
+        .map(|r| r.train_loss)
+        .collect()
+}
+
+#[test]
+fn joint_training_lowers_the_loss_and_saves_a_loadable_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(
+        dir.path(),
+        Strategy::Joint {
+            stage: stage(3, 1e-4),
+        },
+    );
+    let device = BackendChoice::Flex.device().unwrap();
+    let report = Trainer::new(&config, device.clone(), false).run().unwrap();
+    let joint = losses(&report, "joint");
+    assert_eq!(joint.len(), 3);
+    assert!(joint[2] < joint[0], "joint loss did not fall: {joint:?}");
+    assert_eq!(report.test.len(), 16);
+    assert_eq!(report.test.exit_layers, [1, 2, 3, 4, 5, 6]);
+
+    let saved = ModelDir::open(&config.output).unwrap();
+    assert!(saved.exits_trained);
+    assert_eq!(saved.exits.labels, ["negative", "positive"]);
+    saved.load(&device).unwrap();
+    assert!(
+        dir.path()
+            .join("checkpoints/joint-epoch-3/exits.safetensors")
+            .is_file()
+    );
+}
+
+#[test]
+fn separate_training_with_distillation_lowers_both_stages_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    let strategy = Strategy::Separate {
+        finetune: Some(stage(2, 1e-4)),
+        heads: stage(4, 1e-2),
+        distillation: Some(Distillation {
+            temperature: 2.0,
+            alpha: 0.5,
+        }),
+    };
+    let report = Trainer::new(
+        &config(dir.path(), strategy),
+        BackendChoice::Flex.device().unwrap(),
+        false,
+    )
+    .run()
+    .unwrap();
+    let finetune = losses(&report, "fine-tune");
+    let heads = losses(&report, "exit heads");
+    assert!(
+        finetune[1] < finetune[0],
+        "fine-tune loss did not fall: {finetune:?}"
+    );
+    assert!(
+        heads[3] < heads[0],
+        "exit-head loss did not fall: {heads:?}"
+    );
+}
+
+#[test]
+fn a_bad_config_is_rejected_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "base_model = \"x\"\n[strategy]\nkind = \"joint\"\nepochs = 0\nlearning_rate = 1e-3\n",
+    )
+    .unwrap();
+    let error = format!("{:#}", TrainConfig::from_file(&path).unwrap_err());
+    assert!(error.contains("missing field"), "{error}");
+    std::fs::write(
+        &path,
+        "base_model = \"x\"\ntrain = \"a\"\ndev = \"b\"\ntest = \"c\"\noutput = \"d\"\n[strategy]\nkind = \"joint\"\nepochs = 0\nlearning_rate = 1e-3\n",
+    )
+    .unwrap();
+    let error = format!("{:#}", TrainConfig::from_file(&path).unwrap_err());
+    assert!(error.contains("epochs ≥ 1"), "{error}");
+}
+
+#[test]
+fn record_writes_a_matrix_that_reads_back() {
+    use simulations::matrix::ConfidenceMatrix;
+    use simulations::record::record;
+    use splitee_common::dataset::Dataset;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = Dataset::read_tsv(&subset("data/sentence-polarity/dev.tsv", 5, dir.path())).unwrap();
+    let device = BackendChoice::Flex.device().unwrap();
+    let loaded = ModelDir::open(&shared().join("models/all-MiniLM-L6-v2"))
+        .unwrap()
+        .load(&device)
+        .unwrap();
+    let mut progress = Vec::new();
+    let matrix = record(
+        &loaded,
+        &data,
+        BackendChoice::Flex,
+        &device,
+        Some(3),
+        |done, total| progress.push((done, total)),
+    )
+    .unwrap();
+    assert_eq!(progress, [(1, 3), (2, 3), (3, 3)]);
+    assert_eq!(matrix.len(), 3);
+    assert_eq!(matrix.exit_layers(), [1, 2, 3, 4, 5, 6]);
+    assert_eq!(matrix.label(0), Some(0));
+    assert!(matrix.layer_ms(0).unwrap().iter().all(|&ms| ms > 0.0));
+    assert_eq!(matrix.metadata()["model"], loaded.fingerprint.short());
+    let path = dir.path().join("m.csv");
+    matrix.write_csv(&path).unwrap();
+    assert_eq!(ConfidenceMatrix::read_csv(&path).unwrap(), matrix);
+}
