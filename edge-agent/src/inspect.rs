@@ -79,7 +79,15 @@ pub fn run(
             .iter()
             .find(|e| e.layer == layer)
             .map(|e| {
-                let probs: Vec<String> = e.probs[0].iter().map(|p| format!("{p:.4}")).collect();
+                let labels = &loaded.dir.exits.labels;
+                let probs: Vec<String> = e.probs[0]
+                    .iter()
+                    .enumerate()
+                    .map(|(class, p)| match labels.get(class) {
+                        Some(name) => format!("{name} {p:.4}"),
+                        None => format!("{p:.4}"),
+                    })
+                    .collect();
                 format!(
                     "[{}]  (+{:.3} ms)",
                     probs.join(", "),

@@ -82,21 +82,17 @@ fn padding_never_changes_a_real_tokens_output() {
             let len = single.seq_len;
             let (ids, mask) = single.to_tensors(&device);
             let mut alone = model.embed(ids, mask).unwrap();
-            for layer in 0..=layers {
+            for (layer, padded) in padded_layers.iter().enumerate() {
                 if layer > 0 {
                     alone = model.run_layers(alone, layer - 1..layer).unwrap();
                 }
-                let in_batch =
-                    padded_layers[layer]
-                        .states
-                        .clone()
-                        .slice([row..row + 1, 0..len, 0..384]);
+                let in_batch = padded.states.clone().slice([row..row + 1, 0..len, 0..384]);
                 let diff = max_abs_diff(&to_vec(in_batch), &to_vec(alone.states.clone()));
                 assert!(
                     diff <= 1e-5,
                     "{backend}: text {row} layer {layer}: padding changed real tokens by {diff:e}"
                 );
-                if let Ok(batch_probs) = model.exit_probs(layer, &padded_layers[layer]) {
+                if let Ok(batch_probs) = model.exit_probs(layer, padded) {
                     let batch_probs: Vec<f32> = batch_probs
                         .slice([row..row + 1, 0..2])
                         .into_data()

@@ -124,7 +124,7 @@ impl ExitOutputs {
             header.join(" | ")
         )
         .unwrap();
-        writeln!(out, "{}---|---|", "|---".repeat(self.exit_layers.len() + 1)).unwrap();
+        writeln!(out, "{}|", "|---".repeat(self.exit_layers.len() + 3)).unwrap();
         for &threshold in thresholds {
             let row = self.threshold_row(threshold);
             let cells: Vec<String> = row

@@ -350,7 +350,7 @@ impl Progress {
     fn step(&mut self, message: impl FnOnce() -> String) {
         self.done += 1;
         let every = (self.len / 20).max(1);
-        if self.log_lines && (self.done % every == 0 || self.done == self.len) {
+        if self.log_lines && (self.done.is_multiple_of(every) || self.done == self.len) {
             eprintln!("{} {}/{} {}", self.label, self.done, self.len, message());
         } else if !self.bar.is_hidden() {
             self.bar.set_message(message());
