@@ -302,6 +302,17 @@ pub struct RunRecord {
     pub result: RunResult,
 }
 
+/// The columns that identify a run in every CSV: link, λ, o, policy, seed.
+fn run_key(cfg: &ExperimentConfig, p: Param, r: &RunRecord) -> [String; 5] {
+    [
+        cfg.links[r.link].name.clone(),
+        p.lambda.to_string(),
+        p.offload.map(|o| o.to_string()).unwrap_or_default(),
+        cfg.policies[r.policy].name.clone(),
+        r.seed.to_string(),
+    ]
+}
+
 /// Everything resolved from a config, ready to run.
 pub struct Prepared {
     pub config: ExperimentConfig,
@@ -707,34 +718,32 @@ pub fn run_experiment(prepared: &Prepared, out: &Path, progress: bool) -> anyhow
         let res = &r.result;
         let (best, _) = res.best_arm();
         let arm = prepared.space.arms()[best];
-        runs_csv.write_record([
-            cfg.name.clone(),
-            synthetic.to_string(),
-            cfg.links[r.link].name.clone(),
-            p.lambda.to_string(),
-            p.offload.map(|o| o.to_string()).unwrap_or_default(),
-            cfg.policies[r.policy].name.clone(),
-            r.seed.to_string(),
-            res.samples().to_string(),
-            res.accuracy().map(|a| a.to_string()).unwrap_or_default(),
-            res.offload_rate().to_string(),
-            res.mean_latency_ms().to_string(),
-            res.latency_percentile_ms(95.0).to_string(),
-            res.latency_percentile_ms(99.0).to_string(),
-            res.cost_sum.to_string(),
-            (res.cost_sum / res.samples() as f64).to_string(),
-            res.reward_sum.to_string(),
-            res.pseudo_regret_curve()
-                .last()
-                .copied()
-                .unwrap_or(0.0)
-                .to_string(),
-            res.realized_regret().to_string(),
-            best.to_string(),
-            arm.split.to_string(),
-            arm.threshold.to_string(),
-            res.bytes_sent.to_string(),
-        ])?;
+        runs_csv.write_record(
+            [cfg.name.clone(), synthetic.to_string()]
+                .into_iter()
+                .chain(run_key(cfg, p, r))
+                .chain([
+                    res.samples().to_string(),
+                    res.accuracy().map(|a| a.to_string()).unwrap_or_default(),
+                    res.offload_rate().to_string(),
+                    res.mean_latency_ms().to_string(),
+                    res.latency_percentile_ms(95.0).to_string(),
+                    res.latency_percentile_ms(99.0).to_string(),
+                    res.cost_sum.to_string(),
+                    (res.cost_sum / res.samples() as f64).to_string(),
+                    res.reward_sum.to_string(),
+                    res.pseudo_regret_curve()
+                        .last()
+                        .copied()
+                        .unwrap_or(0.0)
+                        .to_string(),
+                    res.realized_regret().to_string(),
+                    best.to_string(),
+                    arm.split.to_string(),
+                    arm.threshold.to_string(),
+                    res.bytes_sent.to_string(),
+                ]),
+        )?;
     }
     runs_csv.flush()?;
 
@@ -761,12 +770,7 @@ pub fn run_experiment(prepared: &Prepared, out: &Path, progress: bool) -> anyhow
         let p = prepared.params[r.param];
         let curve = r.result.pseudo_regret_curve();
         for s in &r.result.series {
-            series_csv.write_record([
-                cfg.links[r.link].name.clone(),
-                p.lambda.to_string(),
-                p.offload.map(|o| o.to_string()).unwrap_or_default(),
-                cfg.policies[r.policy].name.clone(),
-                r.seed.to_string(),
+            series_csv.write_record(run_key(cfg, p, r).into_iter().chain([
                 s.t.to_string(),
                 s.time_s.to_string(),
                 s.arm.to_string(),
@@ -777,7 +781,7 @@ pub fn run_experiment(prepared: &Prepared, out: &Path, progress: bool) -> anyhow
                 u8::from(s.offloaded).to_string(),
                 s.latency_ms.to_string(),
                 s.link_mbps.to_string(),
-            ])?;
+            ]))?;
         }
     }
     series_csv.flush()?;
@@ -982,18 +986,13 @@ pub fn run_experiment(prepared: &Prepared, out: &Path, progress: bool) -> anyhow
                 cfg.report.reconvergence_share,
             );
             for (ci, rc) in rcs.into_iter().enumerate() {
-                rc_csv.write_record([
-                    cfg.links[r.link].name.clone(),
-                    p.lambda.to_string(),
-                    p.offload.map(|o| o.to_string()).unwrap_or_default(),
-                    cfg.policies[r.policy].name.clone(),
-                    r.seed.to_string(),
+                rc_csv.write_record(run_key(cfg, p, r).into_iter().chain([
                     rc.change_s.to_string(),
                     rc.best_before.to_string(),
                     rc.best_after.to_string(),
                     rc.samples.map(|s| s.to_string()).unwrap_or_default(),
                     rc.seconds.map(|s| s.to_string()).unwrap_or_default(),
-                ])?;
+                ]))?;
                 table
                     .entry((r.link, r.param, r.policy, ci))
                     .or_default()
