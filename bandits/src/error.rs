@@ -66,4 +66,8 @@ pub enum BanditError {
     WindowTooLarge { window: usize, max: usize },
     #[error("the UEE-UCB proxy reward has no offload: a sample must exit on the device")]
     OffloadNotSupported,
+    #[error("arms.splits: `{0}` is neither \"exits\" nor a list of layers")]
+    UnknownSplits(String),
+    #[error("arms with split {split} test the exit after layer {layer}, which has no exit head")]
+    NoExitHead { layer: usize, split: usize },
 }

@@ -118,6 +118,7 @@
 //! constructors.
 
 mod arms;
+mod config;
 mod controller;
 mod decision;
 mod error;
@@ -126,6 +127,7 @@ pub mod policy;
 mod reward;
 
 pub use arms::{Arm, ArmIndex, ArmSpace};
+pub use config::{ArmsConfig, Splits};
 pub use controller::Controller;
 pub use decision::{Decision, DecisionRule, ExitCheck, Fallback, SampleDecision, Step, decide};
 pub use error::BanditError;

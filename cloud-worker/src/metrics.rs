@@ -1,18 +1,8 @@
-//! Prometheus metrics and the HTTP endpoint serving them with a health check.
-//!
-//! `/metrics` answers the OpenMetrics text format (which Prometheus scrapes natively);
-//! `/healthz` answers 200 `ok` while serving and 503 `shutting down` once a graceful shutdown
-//! began, so a load balancer stops sending new clients before connections close.
+//! Prometheus metrics of the worker, served by [`splitee_common::http`] on `/metrics` beside
+//! `/healthz`.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -20,7 +10,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use splitee_common::protocol::ErrorCode;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabel {
@@ -155,52 +144,5 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");
         text
-    }
-}
-
-#[derive(Clone)]
-struct HttpState {
-    metrics: Arc<Metrics>,
-    shutting_down: CancellationToken,
-}
-
-/// Serves `/metrics` and `/healthz` on `listener` until `stop` is cancelled.
-pub async fn serve_http(
-    listener: tokio::net::TcpListener,
-    metrics: Arc<Metrics>,
-    shutting_down: CancellationToken,
-    stop: CancellationToken,
-) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(metrics_page))
-        .route("/healthz", get(health))
-        .with_state(HttpState {
-            metrics,
-            shutting_down,
-        });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
-}
-
-pub async fn bind_http(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
-}
-
-async fn metrics_page(State(state): State<HttpState>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.encode(),
-    )
-}
-
-async fn health(State(state): State<HttpState>) -> impl IntoResponse {
-    if state.shutting_down.is_cancelled() {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
-    } else {
-        (StatusCode::OK, "ok\n")
     }
 }

@@ -20,7 +20,7 @@ use splitee_common::protocol::{
     ErrorCode, FrameKind, HEADER_LEN, Limits, ProtocolError, Response, decode_header,
     decode_request_body, encode_response,
 };
-use splitee_common::transport;
+use splitee_common::{http, transport};
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::compute::{self, BatchPolicy, ComputeHandle, Job};
 use crate::config::WorkerConfig;
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
 
 /// QUIC stream error code sent with `STOP_SENDING` when the server answered before reading
 /// the whole request (busy, or a header it refused).
@@ -107,13 +107,17 @@ impl Worker {
         let http_stop = CancellationToken::new();
         let (metrics_addr, http) = match config.metrics_listen {
             Some(addr) => {
-                let listener = metrics::bind_http(addr)
+                let listener = http::bind(addr)
                     .await
                     .with_context(|| format!("binding the metrics endpoint {addr}"))?;
                 let addr = listener.local_addr()?;
-                let task = tokio::spawn(metrics::serve_http(
+                let render = {
+                    let metrics = metrics.clone();
+                    Arc::new(move || metrics.encode())
+                };
+                let task = tokio::spawn(http::serve_metrics(
                     listener,
-                    metrics.clone(),
+                    render,
                     shutting_down.clone(),
                     http_stop.clone(),
                 ));

@@ -1,5 +1,6 @@
 //! Encoder speed on the CPU backends, as a table (`cargo bench -p splitee-common --bench
-//! forward`; add `--features bench-candle` for the candle-transformers column).
+//! forward`; add `--features bench-candle` for the candle-transformers column, `--features
+//! wgpu` for a row on the GPU adapter wgpu picks).
 //!
 //! Measures one encoder layer and the whole 6-layer forward (embeddings included) of
 //! all-MiniLM-L6-v2 at batch 1 for several sequence lengths: median wall-clock latency over
@@ -34,7 +35,18 @@ fn main() {
         "backend", "seq", "1 layer ms", "GFLOP/s", "6 layers ms", "GFLOP/s"
     );
     let mut rows = Vec::new();
-    for backend in [BackendChoice::Flex, BackendChoice::Ndarray] {
+    let mut backends = vec![BackendChoice::Flex, BackendChoice::Ndarray];
+    if cfg!(feature = "wgpu") {
+        // The wgpu row (`--features wgpu`): whatever adapter wgpu picks, named in the output.
+        match splitee_common::device::gpu_adapter() {
+            Ok(adapter) => {
+                println!("wgpu adapter: {adapter}");
+                backends.push(BackendChoice::Wgpu);
+            }
+            Err(why) => println!("no wgpu row: {why}"),
+        }
+    }
+    for backend in backends {
         let device = backend.device().unwrap();
         let model = model_dir.load_model(&device).unwrap();
         for seq in SEQUENCE_LENGTHS {
@@ -125,6 +137,12 @@ fn print_ratios(rows: &[(String, usize, Duration, Duration)]) {
             "seq {seq:>4}: flex/ndarray {:.2}",
             ndarray.3.as_secs_f64() / flex.3.as_secs_f64()
         );
+        if let Some(wgpu) = find("wgpu", seq) {
+            line += &format!(
+                ", flex/wgpu {:.2}",
+                wgpu.3.as_secs_f64() / flex.3.as_secs_f64()
+            );
+        }
         if let Some(candle) = find("candle", seq) {
             line += &format!(
                 ", flex/candle {:.2}",

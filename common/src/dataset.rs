@@ -50,56 +50,27 @@ impl Dataset {
 
     /// Parses TSV text; `path` is only used in messages.
     pub fn parse_tsv(text: &str, path: &Path) -> Result<Self> {
-        let bad_header = |message: String| Error::Config {
-            path: path.to_owned(),
-            message,
-        };
         let mut lines = text.lines();
         let header: Vec<&str> = lines
             .next()
-            .ok_or_else(|| bad_header("empty file: expected a header line".into()))?
+            .ok_or_else(|| Error::Config {
+                path: path.to_owned(),
+                message: "empty file: expected a header line".into(),
+            })?
             .split('\t')
-            .map(str::trim)
             .collect();
-        let column = |name: &str| header.iter().position(|c| c.eq_ignore_ascii_case(name));
-        let sentence = column("sentence")
-            .ok_or_else(|| bad_header(format!("header {header:?} has no `sentence` column")))?;
-        let label = column("label");
-        let index = column("index");
-
+        let columns = Columns::from_header(&header, path)?;
         let mut examples = Vec::new();
         let mut bad_rows = Vec::new();
         for (offset, row) in lines.enumerate() {
-            let line = offset + 2;
             if row.trim().is_empty() {
                 continue;
             }
             let fields: Vec<&str> = row.split('\t').collect();
-            if fields.len() != header.len() {
-                bad_rows.push(BadRow {
-                    line,
-                    reason: format!("{} columns, the header has {}", fields.len(), header.len()),
-                });
-                continue;
+            match columns.example(offset + 2, &fields) {
+                Ok(example) => examples.push(example),
+                Err(bad) => bad_rows.push(bad),
             }
-            let label = match label.map(|i| fields[i].trim()) {
-                None => None,
-                Some(raw) => match raw.parse::<usize>() {
-                    Ok(value) => Some(value),
-                    Err(_) => {
-                        bad_rows.push(BadRow {
-                            line,
-                            reason: format!("label {raw:?} is not a class index"),
-                        });
-                        continue;
-                    }
-                },
-            };
-            examples.push(Example {
-                id: index.map_or_else(|| line.to_string(), |i| fields[i].trim().to_owned()),
-                text: fields[sentence].to_owned(),
-                label,
-            });
         }
         Ok(Self {
             path: path.to_owned(),
@@ -137,6 +108,61 @@ impl Dataset {
                 shown.join("; "),
                 if self.bad_rows.len() > 5 { "; …" } else { "" }
             ),
+        })
+    }
+}
+
+/// Where the `sentence`, `label` and `index` columns are, read from a header row. Shared by
+/// [`Dataset`] (whole files) and readers that stream rows one at a time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Columns {
+    width: usize,
+    sentence: usize,
+    label: Option<usize>,
+    index: Option<usize>,
+}
+
+impl Columns {
+    /// `path` is only used in the error.
+    pub fn from_header(header: &[&str], path: &Path) -> Result<Self> {
+        let column = |name: &str| header.iter().position(|c| c.trim().eq_ignore_ascii_case(name));
+        let sentence = column("sentence").ok_or_else(|| Error::Config {
+            path: path.to_owned(),
+            message: format!("header {header:?} has no `sentence` column"),
+        })?;
+        Ok(Self {
+            width: header.len(),
+            sentence,
+            label: column("label"),
+            index: column("index"),
+        })
+    }
+
+    pub fn has_labels(&self) -> bool {
+        self.label.is_some()
+    }
+
+    /// The example in row `fields`, which is 1-based line `line` of the file.
+    pub fn example(&self, line: usize, fields: &[&str]) -> std::result::Result<Example, BadRow> {
+        if fields.len() != self.width {
+            return Err(BadRow {
+                line,
+                reason: format!("{} columns, the header has {}", fields.len(), self.width),
+            });
+        }
+        let label = match self.label.map(|i| fields[i].trim()) {
+            None => None,
+            Some(raw) => Some(raw.parse::<usize>().map_err(|_| BadRow {
+                line,
+                reason: format!("label {raw:?} is not a class index"),
+            })?),
+        };
+        Ok(Example {
+            id: self
+                .index
+                .map_or_else(|| line.to_string(), |i| fields[i].trim().to_owned()),
+            text: fields[self.sentence].to_owned(),
+            label,
         })
     }
 }

@@ -6,6 +6,7 @@ pub mod dataset;
 pub mod device;
 pub mod error;
 pub mod fingerprint;
+pub mod http;
 pub mod model;
 pub mod model_dir;
 pub mod profile;

@@ -114,17 +114,54 @@ impl ModelDir {
 
     /// Loads backbone and exit heads onto `device`.
     pub fn load_model(&self, device: &Device) -> Result<MultiExitBert> {
-        let mut bert = Bert::init(&self.config, device);
-        weights::load(&mut bert, &self.weights_path())?;
-        let mut exits = ExitHeads::init(self.config.hidden_size, &self.exits, device);
-        if self.exits_trained {
-            weights::load(&mut exits, &self.exit_weights_path())?;
+        self.load_layers(device, self.config.num_hidden_layers)
+    }
+
+    /// Loads the embeddings, encoder layers `1..=layers` and the exits after them: what an
+    /// edge device that never runs deeper than `layers` needs, and all it keeps in memory.
+    pub fn load_layers(&self, device: &Device, layers: usize) -> Result<MultiExitBert> {
+        let num_layers = self.config.num_hidden_layers;
+        if layers == 0 || layers > num_layers {
+            return Err(Error::LayerRange {
+                start: 0,
+                end: layers,
+                num_layers,
+            });
         }
-        Ok(MultiExitBert { bert, exits })
+        let config = BertConfig {
+            num_hidden_layers: layers,
+            ..self.config.clone()
+        };
+        let exits = ExitConfig {
+            layers: self
+                .exits
+                .layers
+                .iter()
+                .copied()
+                .filter(|&l| l <= layers)
+                .collect(),
+            ..self.exits.clone()
+        };
+        // Weights of the layers and heads left out are in the files but never read: loading
+        // ignores tensors the module does not have, and heads keep their order.
+        let mut bert = Bert::init(&config, device);
+        weights::load(&mut bert, &self.weights_path())?;
+        let mut heads = ExitHeads::init(config.hidden_size, &exits, device);
+        if self.exits_trained {
+            weights::load(&mut heads, &self.exit_weights_path())?;
+        }
+        Ok(MultiExitBert { bert, exits: heads })
     }
 
     pub fn load(self, device: &Device) -> Result<LoadedModel> {
-        let model = self.load_model(device)?;
+        let layers = self.config.num_hidden_layers;
+        self.load_prefix(device, layers)
+    }
+
+    /// [`Self::load`] with only layers `1..=layers` (see [`Self::load_layers`]). The
+    /// fingerprint is still the whole model's: it is what the cloud checks.
+    pub fn load_prefix(self, device: &Device, layers: usize) -> Result<LoadedModel> {
+        let model = self.load_layers(device, layers)?;
         let tokenizer = self.tokenizer()?;
         let fingerprint = self.fingerprint()?;
         Ok(LoadedModel {

@@ -2,10 +2,21 @@
 
 mod inspect;
 
-use std::path::PathBuf;
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use anyhow::Context;
+use burn::prelude::Device;
 use clap::{Parser, Subcommand};
+use edge_agent::input::{self, InputFormat, InputRecord};
+use edge_agent::metrics::Metrics;
+use edge_agent::report::Answered;
+use edge_agent::{Agent, AgentConfig, profile};
+use indicatif::{ProgressBar, ProgressStyle};
 use splitee_common::BackendChoice;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -19,6 +30,57 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Answer every sample of an input, printing one JSON line each and a summary.
+    Run {
+        /// Agent configuration (see configs/edge-agent.toml and configs/edge/).
+        #[arg(long, default_value = "configs/edge-agent.toml")]
+        config: PathBuf,
+        /// Input file, or `-` for stdin.
+        #[arg(long, default_value = "-")]
+        input: PathBuf,
+        /// Input format; by default from the extension (.tsv, .csv, .jsonl; else lines).
+        #[arg(long, value_enum)]
+        format: Option<InputFormat>,
+        /// Where the JSON lines go (`-`: stdout).
+        #[arg(long, default_value = "-")]
+        output: PathBuf,
+        /// Also write the summary as JSON here.
+        #[arg(long)]
+        summary_json: Option<PathBuf>,
+        /// Overrides the config's backend.
+        #[arg(long)]
+        backend: Option<BackendChoice>,
+        /// Overrides the config's cloud address.
+        #[arg(long)]
+        cloud: Option<SocketAddr>,
+        /// Overrides the config's model directory.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Overrides the config's edge_layers (layers the device loads).
+        #[arg(long)]
+        edge_layers: Option<usize>,
+        /// Ignore a saved bandit state (it is overwritten at the end).
+        #[arg(long)]
+        fresh_state: bool,
+        /// Stop after this many samples.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Measure per-layer cost on this device; `--write` stores it in the config's [device].
+    Profile {
+        #[arg(long, default_value = "configs/edge-agent.toml")]
+        config: PathBuf,
+        /// Sequence length to time (a typical input's token count).
+        #[arg(long, default_value_t = 32)]
+        tokens: usize,
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        #[arg(long)]
+        backend: Option<BackendChoice>,
+        /// Replace the config's [device] table with the measurement (comments are kept).
+        #[arg(long)]
+        write: bool,
+    },
     /// Print a model's summary, the tokens of a text and per-layer timing and exits.
     Inspect {
         /// Model directory (config.json, tokenizer.json, model.safetensors[, exits.*]);
@@ -34,16 +96,285 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    match cli.command {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Run {
+            config,
+            input,
+            format,
+            output,
+            summary_json,
+            backend,
+            cloud,
+            model,
+            edge_layers,
+            fresh_state,
+            limit,
+        } => {
+            let mut agent_config = AgentConfig::from_file(&config)?;
+            if let Some(backend) = backend {
+                agent_config.backend = backend;
+            }
+            if let Some(model) = model {
+                agent_config.model = model;
+            }
+            if edge_layers.is_some() {
+                agent_config.edge_layers = edge_layers;
+            }
+            if let Some(address) = cloud {
+                agent_config
+                    .cloud
+                    .as_mut()
+                    .context("--cloud needs a [cloud] table in the config (for its CA)")?
+                    .address = address;
+            }
+            let device = pick_device(agent_config.backend)?;
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(run(RunArgs {
+                config: agent_config,
+                device,
+                input,
+                format,
+                output,
+                summary_json,
+                fresh_state,
+                limit,
+            }))
+        }
+        Command::Profile {
+            config,
+            tokens,
+            runs,
+            backend,
+            write,
+        } => {
+            let agent_config = AgentConfig::from_file(&config)?;
+            let backend = backend.unwrap_or(agent_config.backend);
+            let device = pick_device(backend)?;
+            let description = format!(
+                "measured by `edge-agent profile` with the {backend} backend, {tokens} tokens, \
+                 median of {runs} runs"
+            );
+            let measured =
+                profile::measure(&agent_config.model, &device, tokens, runs, description)?;
+            println!("{:<8} {:>9}", "stage", "ms");
+            println!("{:<8} {:>9.3}", "embed", measured.embed_ms);
+            for (index, ms) in measured.layer_ms.iter().enumerate() {
+                println!("{:<8} {ms:>9.3}", format!("layer {}", index + 1));
+            }
+            if write {
+                let text = std::fs::read_to_string(&config)?;
+                std::fs::write(&config, profile::write_into(&text, &measured)?)?;
+                println!("wrote [device] into {}", config.display());
+            }
+            Ok(())
+        }
         Command::Inspect {
             model,
             backend,
             text,
         } => {
-            // The one place the device is chosen.
-            let device = backend.device().map_err(anyhow::Error::msg)?;
+            let device = pick_device(backend)?;
             inspect::run(&model, backend, &device, &text)
         }
     }
+}
+
+/// The one place the device is chosen. A GPU that is asked for but missing is a warning, not
+/// a failure: the agent falls back to the CPU and says so.
+fn pick_device(backend: BackendChoice) -> anyhow::Result<Device> {
+    match backend.device() {
+        Ok(device) => Ok(device),
+        Err(why) if backend == BackendChoice::Wgpu => {
+            tracing::warn!("no GPU: {why}; falling back to the {} CPU backend", BackendChoice::Flex);
+            BackendChoice::Flex.device().map_err(anyhow::Error::msg)
+        }
+        Err(why) => Err(anyhow::Error::msg(why)),
+    }
+}
+
+struct RunArgs {
+    config: AgentConfig,
+    device: Device,
+    input: PathBuf,
+    format: Option<InputFormat>,
+    output: PathBuf,
+    summary_json: Option<PathBuf>,
+    fresh_state: bool,
+    limit: Option<usize>,
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let stop = CancellationToken::new();
+    let http = match args.config.metrics_listen {
+        Some(addr) => {
+            let listener = splitee_common::http::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+            let render = {
+                let metrics = metrics.clone();
+                Arc::new(move || metrics.encode())
+            };
+            tracing::info!(%addr, "serving /metrics and /healthz");
+            Some(tokio::spawn(splitee_common::http::serve_metrics(
+                listener,
+                render,
+                stop.clone(),
+                stop.clone(),
+            )))
+        }
+        None => None,
+    };
+    let mut agent = Agent::start(&args.config, args.device, metrics, args.fresh_state).await?;
+
+    let from_stdin = args.input == Path::new("-");
+    let format = args.format.unwrap_or(if from_stdin {
+        InputFormat::Lines
+    } else {
+        InputFormat::detect(&args.input)
+    });
+    let total = if from_stdin {
+        None
+    } else {
+        Some(count_lines(&args.input, format)?)
+    };
+    let (sender, receiver) = tokio::sync::mpsc::channel::<InputRecord>(args.config.pipeline.window);
+    let reader = spawn_reader(
+        args.input.clone(),
+        format,
+        args.config.input.max_line_bytes,
+        args.limit,
+        sender,
+    )?;
+
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                stop.cancel();
+            }
+        });
+    }
+
+    let mut out: Box<dyn Write> = if args.output == Path::new("-") {
+        Box::new(std::io::BufWriter::new(std::io::stdout().lock()))
+    } else {
+        Box::new(std::io::BufWriter::new(
+            std::fs::File::create(&args.output)
+                .with_context(|| format!("creating {}", args.output.display()))?,
+        ))
+    };
+    let progress = progress_bar(total.map(|t| args.limit.map_or(t, |l| t.min(l as u64))));
+    let mut write_error = None;
+    let (mut done, mut offloaded) = (0u64, 0u64);
+    let summary = agent
+        .run(receiver, stop.clone(), &mut |record| {
+            if write_error.is_none()
+                && let Err(error) = serde_json::to_writer(&mut out, record)
+                    .map_err(std::io::Error::from)
+                    .and_then(|()| out.write_all(b"\n"))
+            {
+                write_error = Some(error);
+                stop.cancel();
+            }
+            done += 1;
+            offloaded += u64::from(matches!(
+                record.answered,
+                Answered::Cloud | Answered::DeviceFallback
+            ));
+            if let Some(arm) = record.arm {
+                progress.set_message(format!(
+                    "offload {:.0}% · arm (s {}, α {:.2})",
+                    100.0 * offloaded as f64 / done as f64,
+                    arm.split,
+                    arm.threshold
+                ));
+            }
+            progress.inc(1);
+        })
+        .await?;
+    progress.finish_and_clear();
+    out.flush().context("writing the output")?;
+    drop(out);
+    if let Some(error) = write_error {
+        return Err(error).context("writing the output");
+    }
+    // The reader ends at end of input, at the limit, or when the agent stopped listening.
+    match reader.join() {
+        Ok(result) => result?,
+        Err(_) => anyhow::bail!("the input reader panicked"),
+    }
+    eprintln!("\n{}", summary.table());
+    if let Some(path) = &args.summary_json {
+        std::fs::write(path, serde_json::to_string_pretty(&summary)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    agent.shutdown().await?;
+    stop.cancel();
+    if let Some(http) = http {
+        http.await??;
+    }
+    Ok(())
+}
+
+/// Reads the input on its own thread (reading blocks) and feeds the agent; stops early when
+/// the agent stops listening.
+fn spawn_reader(
+    path: PathBuf,
+    format: InputFormat,
+    max_line_bytes: usize,
+    limit: Option<usize>,
+    sender: tokio::sync::mpsc::Sender<InputRecord>,
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
+    let reader: Box<dyn BufRead + Send> = if path == Path::new("-") {
+        Box::new(BufReader::new(std::io::stdin()))
+    } else {
+        Box::new(BufReader::new(
+            std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?,
+        ))
+    };
+    let limit = limit.unwrap_or(usize::MAX);
+    Ok(std::thread::Builder::new()
+        .name("splitee-input".into())
+        .spawn(move || {
+            let mut sent = 0;
+            input::read(reader, format, max_line_bytes, &path, |record| {
+                sent += 1;
+                sent <= limit && sender.blocking_send(record).is_ok()
+            })
+        })?)
+}
+
+/// Samples in a file, for the progress bar: its lines, less the header of a table.
+fn count_lines(path: &Path, format: InputFormat) -> anyhow::Result<u64> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let lines = BufReader::new(file).split(b'\n').count() as u64;
+    Ok(match format {
+        InputFormat::Tsv | InputFormat::Csv => lines.saturating_sub(1),
+        InputFormat::Jsonl | InputFormat::Lines => lines,
+    })
+}
+
+fn progress_bar(total: Option<u64>) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = match total {
+        Some(total) => ProgressBar::new(total),
+        None => ProgressBar::no_length(),
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{wide_bar}] {pos}/{len} · {per_sec} · {msg}",
+        )
+        .expect("a valid template"),
+    );
+    bar
 }

@@ -75,7 +75,7 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use splitee_bandits::{
-    ArmSpace, Controller, CostModel, DecisionRule, ExitCheck, Fallback, PolicyConfig, RewardKind,
+    ArmSpace, ArmsConfig, Controller, CostModel, DecisionRule, PolicyConfig, RewardKind,
     RewardModel, RewardRange,
 };
 
@@ -120,39 +120,6 @@ pub struct MatrixSource {
 
 fn default_format() -> MatrixFormat {
     MatrixFormat::Splitee
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum Splits {
-    /// `"exits"`: every exit layer of the matrix.
-    Keyword(String),
-    List(Vec<usize>),
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ArmsConfig {
-    pub splits: Splits,
-    pub thresholds: Vec<f64>,
-    #[serde(default = "split_only")]
-    pub check: ExitCheck,
-    #[serde(default = "offload")]
-    pub fallback: Fallback,
-    #[serde(default = "yes")]
-    pub evaluate_all_heads: bool,
-}
-
-fn split_only() -> ExitCheck {
-    ExitCheck::SplitOnly
-}
-
-fn offload() -> Fallback {
-    Fallback::Offload
-}
-
-fn yes() -> bool {
-    true
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -335,18 +302,7 @@ impl Prepared {
         let device = config.device.resolve(matrix)?;
         let workload = Workload::new(matrix, &device)?;
         let l = matrix.num_layers();
-        let splits = match &config.arms.splits {
-            Splits::Keyword(k) if k == "exits" => matrix.exit_layers().to_vec(),
-            Splits::Keyword(k) => {
-                anyhow::bail!("arms.splits: `{k}` is neither \"exits\" nor a list")
-            }
-            Splits::List(list) => list.clone(),
-        };
-        let space = ArmSpace::grid(l, &splits, &config.arms.thresholds)?;
-        let rule = DecisionRule {
-            check: config.arms.check,
-            fallback: config.arms.fallback,
-        };
+        let (space, rule) = config.arms.build(l, matrix.exit_layers())?;
         let r = &config.reward;
         anyhow::ensure!(!r.lambda.is_empty(), "reward.lambda is empty");
         let mut params = Vec::new();
@@ -866,10 +822,7 @@ pub fn run_experiment(prepared: &Prepared, out: &Path, progress: bool) -> anyhow
         cfg.samples,
         cfg.seeds,
         prepared.space.len(),
-        match &cfg.arms.splits {
-            Splits::Keyword(k) => k.clone(),
-            Splits::List(l) => format!("{l:?}"),
-        },
+        cfg.arms.describe_splits(),
         cfg.arms.thresholds,
         prepared.workload.mean_bytes(),
     )?;

@@ -14,6 +14,7 @@
 pub mod device;
 pub mod error;
 pub mod experiment;
+pub mod link;
 pub mod matrix;
 pub mod network;
 pub mod plots;

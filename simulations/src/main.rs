@@ -1,10 +1,12 @@
 //! `simulations`: a thin command-line dispatcher over the library.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use simulations::experiment::{ExperimentConfig, Prepared, run_experiment};
+use simulations::link::{self, LinkConfig};
 use simulations::matrix::ConfidenceMatrix;
 use simulations::record::record;
 use simulations::synth::{SynthSpec, generate};
@@ -85,6 +87,19 @@ enum Command {
         config: PathBuf,
         #[arg(long, default_value_t = BackendChoice::default())]
         backend: BackendChoice,
+    },
+    /// Emulate a network link: relay UDP (QUIC) between an edge agent and a cloud worker,
+    /// shaping each direction by a link config (configs/links/*.toml), until Ctrl-C. Logs
+    /// each second's traffic (RUST_LOG sets the level).
+    Link {
+        #[arg(long)]
+        config: PathBuf,
+        /// Where edge agents connect.
+        #[arg(long, default_value = "127.0.0.1:5433")]
+        listen: SocketAddr,
+        /// The cloud worker.
+        #[arg(long, default_value = "127.0.0.1:4433")]
+        upstream: SocketAddr,
     },
 }
 
@@ -190,6 +205,25 @@ fn main() -> anyhow::Result<()> {
                 report.train_examples, report.seconds
             );
             println!("{}", report.test.markdown(&[0.6, 0.7, 0.8, 0.9]));
+        }
+        Command::Link {
+            config,
+            listen,
+            upstream,
+        } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let config = LinkConfig::load(&config)?;
+            // One thread is plenty for a relay; the machine's cores stay with the services.
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(link::run_until_ctrl_c(&config, listen, upstream))?;
         }
     }
     Ok(())

@@ -269,26 +269,64 @@ impl BaseTrace {
                 queue.free_tau = end;
                 end
             }
+            BaseTrace::Rate { .. } => {
+                let start = begin.max(queue.free_tau);
+                let target = self.capacity_bits(start) + n as f64 * MTU_BITS;
+                let end = self.time_of_capacity(target).max(start);
+                queue.free_tau = end;
+                end
+            }
+        }
+    }
+
+    /// Bits the link can carry in trace time `[0, tau]`: the integral of the rate, or for
+    /// Mahimahi `1500 × 8` bits per delivery opportunity at or before `tau`.
+    pub fn capacity_bits(&self, tau: f64) -> f64 {
+        match self {
+            BaseTrace::Constant { bits_per_ms } => tau * bits_per_ms,
+            BaseTrace::Packets { stamps, period_ms } => {
+                let period = *period_ms as f64;
+                let cycle = (tau / period).floor();
+                let offset = tau - cycle * period;
+                let in_cycle = stamps.partition_point(|&s| (s as f64) <= offset);
+                (cycle * stamps.len() as f64 + in_cycle as f64) * MTU_BITS
+            }
             BaseTrace::Rate {
                 starts_ms,
                 bits_per_ms,
                 cum_bits,
                 period_ms,
             } => {
-                let start = begin.max(queue.free_tau);
-                let total = *cum_bits.last().expect("non-empty")
-                    + bits_per_ms.last().expect("non-empty")
-                        * (period_ms - starts_ms.last().expect("non-empty"));
-                let bits_before = |t: f64| -> f64 {
-                    let cycle = (t / period_ms).floor();
-                    let off = t - cycle * period_ms;
-                    let s = starts_ms.partition_point(|&x| x <= off) - 1;
-                    cycle * total + cum_bits[s] + bits_per_ms[s] * (off - starts_ms[s])
-                };
-                let target = bits_before(start) + n as f64 * MTU_BITS;
-                // Invert bits_before: find the cycle, then the segment, then the offset.
-                let cycle = (target / total).floor();
-                let mut rem = target - cycle * total;
+                let cycle = (tau / period_ms).floor();
+                let off = tau - cycle * period_ms;
+                let s = starts_ms.partition_point(|&x| x <= off) - 1;
+                let total = bits_per_loop(starts_ms, bits_per_ms, cum_bits, *period_ms);
+                cycle * total + cum_bits[s] + bits_per_ms[s] * (off - starts_ms[s])
+            }
+        }
+    }
+
+    /// The earliest trace time by which the link can have carried `bits > 0` in total: the
+    /// inverse of [`capacity_bits`](Self::capacity_bits) (for Mahimahi, the time of the
+    /// `ceil(bits / 12000)`-th delivery opportunity).
+    pub fn time_of_capacity(&self, bits: f64) -> f64 {
+        match self {
+            BaseTrace::Constant { bits_per_ms } => bits / bits_per_ms,
+            BaseTrace::Packets { stamps, period_ms } => {
+                let index = ((bits / MTU_BITS).ceil() as u64).max(1) - 1;
+                let len = stamps.len() as u64;
+                ((index / len) * period_ms + stamps[(index % len) as usize]) as f64
+            }
+            BaseTrace::Rate {
+                starts_ms,
+                bits_per_ms,
+                cum_bits,
+                period_ms,
+            } => {
+                let total = bits_per_loop(starts_ms, bits_per_ms, cum_bits, *period_ms);
+                // Find the cycle, then the segment, then the offset.
+                let cycle = (bits / total).floor();
+                let mut rem = bits - cycle * total;
                 let mut cyc = cycle;
                 if rem <= 0.0 && cyc > 0.0 {
                     // Exactly at a cycle boundary: the end of the previous cycle.
@@ -296,12 +334,9 @@ impl BaseTrace {
                     rem = total;
                 }
                 // The last segment with cum_bits[s] < rem ≤ cum_bits[s + 1]: it delivers
-                // bits, so its rate is > 0 (rem > 0 because at least one packet is sent).
+                // bits, so its rate is > 0 (rem > 0 because bits > 0).
                 let s = cum_bits.partition_point(|&c| c < rem).saturating_sub(1);
-                let end = cyc * period_ms + starts_ms[s] + (rem - cum_bits[s]) / bits_per_ms[s];
-                let end = end.max(start);
-                queue.free_tau = end;
-                end
+                cyc * period_ms + starts_ms[s] + (rem - cum_bits[s]) / bits_per_ms[s]
             }
         }
     }
@@ -335,6 +370,12 @@ impl BaseTrace {
             }
         }
     }
+}
+
+/// Bits one loop of a per-second rate trace carries.
+fn bits_per_loop(starts_ms: &[f64], bits_per_ms: &[f64], cum_bits: &[f64], period_ms: f64) -> f64 {
+    let last = starts_ms.len() - 1;
+    cum_bits[last] + bits_per_ms[last] * (period_ms - starts_ms[last])
 }
 
 /// FIFO state of the uplink: where the previous payload ended, in trace time.

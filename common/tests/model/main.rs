@@ -39,6 +39,21 @@ pub fn cpu_devices() -> Vec<(BackendChoice, Device)> {
         .collect()
 }
 
+/// The GPU backend, when this build has it (`--features wgpu`). The adapter must exist: a
+/// build with the feature is a request to test it (CI installs Mesa's lavapipe, a Vulkan
+/// driver that runs on the CPU). Any adapter counts, software ones included.
+#[cfg(feature = "wgpu")]
+pub fn gpu_device() -> (BackendChoice, Device) {
+    let adapter = splitee_common::device::gpu_adapter().unwrap_or_else(|why| {
+        panic!("built with the wgpu feature but no wgpu adapter is usable: {why}")
+    });
+    println!("wgpu adapter: {adapter}");
+    (
+        BackendChoice::Wgpu,
+        BackendChoice::Wgpu.device().expect("the adapter was just probed"),
+    )
+}
+
 pub fn to_vec(tensor: Tensor<3>) -> Vec<f32> {
     tensor.into_data().try_into_vec_as::<f32>().unwrap()
 }

@@ -1,0 +1,63 @@
+//! The small HTTP endpoint both binaries serve: `/metrics` (OpenMetrics text, which Prometheus
+//! scrapes natively) and `/healthz` (200 `ok` while serving, 503 `shutting down` once a
+//! graceful shutdown began, so a load balancer or supervisor stops sending work first).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tokio_util::sync::CancellationToken;
+
+/// Renders the current metrics as OpenMetrics text.
+pub type RenderMetrics = Arc<dyn Fn() -> String + Send + Sync>;
+
+#[derive(Clone)]
+struct HttpState {
+    render: RenderMetrics,
+    shutting_down: CancellationToken,
+}
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+/// Serves `/metrics` and `/healthz` on `listener` until `stop` is cancelled.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    render: RenderMetrics,
+    shutting_down: CancellationToken,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_page))
+        .route("/healthz", get(health))
+        .with_state(HttpState {
+            render,
+            shutting_down,
+        });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
+}
+
+async fn metrics_page(State(state): State<HttpState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        (state.render)(),
+    )
+}
+
+async fn health(State(state): State<HttpState>) -> impl IntoResponse {
+    if state.shutting_down.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+    } else {
+        (StatusCode::OK, "ok\n")
+    }
+}

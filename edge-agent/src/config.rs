@@ -1,0 +1,370 @@
+//! The agent's configuration: a TOML file (`configs/edge-agent.toml` and the device presets in
+//! `configs/edge/`). Every key but `[arms]` has a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use splitee_bandits::{ArmsConfig, PolicyConfig, RewardKind};
+use splitee_common::BackendChoice;
+use splitee_common::protocol::PayloadEncoding;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Model directory. Relative paths are relative to the current directory.
+    #[serde(default = "default_model")]
+    pub model: PathBuf,
+    #[serde(default)]
+    pub backend: BackendChoice,
+    /// Encoder layers the device loads (default: all). Fewer save memory; every arm's split
+    /// must fit, and a sample the cloud cannot answer then ends at the deepest exit held.
+    #[serde(default)]
+    pub edge_layers: Option<usize>,
+    /// Where the bandit's state is saved and restored; none: every start learns from zero.
+    #[serde(default)]
+    pub state_file: Option<PathBuf>,
+    /// Samples between two saves of the state (it is also saved at the end of a run).
+    #[serde(default = "default_save_every")]
+    pub save_state_every: u64,
+    /// TCP address of `/metrics` and `/healthz`; none when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// The cloud worker; without it every sample is answered on the device.
+    #[serde(default)]
+    pub cloud: Option<CloudConfig>,
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    #[serde(default)]
+    pub exits: ExitsConfig,
+    #[serde(default)]
+    pub input: InputConfig,
+    pub arms: ArmsConfig,
+    #[serde(default)]
+    pub reward: RewardConfig,
+    #[serde(default = "default_policy")]
+    pub policy: PolicyConfig,
+    /// The device's measured per-layer cost, written by `edge-agent profile`.
+    #[serde(default)]
+    pub device: Option<DeviceProfile>,
+}
+
+fn default_model() -> PathBuf {
+    PathBuf::from("models/default")
+}
+
+fn default_save_every() -> u64 {
+    100
+}
+
+fn default_policy() -> PolicyConfig {
+    PolicyConfig::Ucb1 { c: 1.0 }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudConfig {
+    /// UDP address of the worker (or of a link emulator in front of it).
+    pub address: SocketAddr,
+    /// Name in the worker's certificate (`localhost` for `cloud-worker gen-certs`).
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// PEM CA certificate(s) the worker's certificate must chain to.
+    pub ca: PathBuf,
+    /// Client certificate and key, for workers that require mutual TLS.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    #[serde(default = "default_encoding")]
+    pub encoding: PayloadEncoding,
+    /// Ask the worker to stop at its first exit this confident (saves cloud compute).
+    #[serde(default)]
+    pub cloud_exit_threshold: Option<f32>,
+    /// A request not answered within this is answered on the device.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_ms: u64,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    /// Reconnection backoff: first wait, doubled after every failed attempt up to the max.
+    #[serde(default = "default_backoff_initial")]
+    pub backoff_initial_ms: u64,
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max_ms: u64,
+    /// Consecutive timed-out requests after which the connection is presumed dead, closed
+    /// and re-established (a silent link never closes a QUIC connection before its 30 s idle
+    /// timeout).
+    #[serde(default = "default_timeouts_before_reconnect")]
+    pub timeouts_before_reconnect: u32,
+}
+
+fn default_server_name() -> String {
+    "localhost".to_owned()
+}
+fn default_encoding() -> PayloadEncoding {
+    PayloadEncoding::F16
+}
+fn default_request_timeout() -> u64 {
+    2_000
+}
+fn default_connect_timeout() -> u64 {
+    2_000
+}
+fn default_backoff_initial() -> u64 {
+    250
+}
+fn default_backoff_max() -> u64 {
+    5_000
+}
+fn default_timeouts_before_reconnect() -> u32 {
+    2
+}
+
+impl CloudConfig {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Most samples between the oldest unanswered one and the newest started: bounds the
+    /// offloads in flight and the answers held back to keep the output in input order.
+    pub window: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self { window: 16 }
+    }
+}
+
+/// How confident an exit is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConfidenceMeasure {
+    /// The top class probability.
+    #[default]
+    MaxProb,
+    /// `1 − H(p) / ln K`: 1 for a one-hot distribution, 0 for the uniform one.
+    Entropy,
+    /// PABEE: `min(1, r / patience)` where `r` counts the consecutive exits (ending at this
+    /// one) that predicted the same class; with `α = 1` a sample exits once `patience`
+    /// exits in a row agree.
+    Patience,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExitsConfig {
+    pub measure: ConfidenceMeasure,
+    /// For `measure = "patience"`.
+    pub patience: usize,
+}
+
+impl Default for ExitsConfig {
+    fn default() -> Self {
+        Self {
+            measure: ConfidenceMeasure::MaxProb,
+            patience: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InputConfig {
+    /// A longer input line is answered with an error record instead of being run.
+    pub max_line_bytes: usize,
+}
+
+impl Default for InputConfig {
+    fn default() -> Self {
+        Self {
+            max_line_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// What an edge layer costs the bandit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum EdgeCosts {
+    /// Each sample's own measured compute time.
+    #[default]
+    Measured,
+    /// The `[device]` profile's per-layer times: steadier than single measurements.
+    Profile,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RewardConfig {
+    pub kind: RewardKind,
+    /// Price of one millisecond, in confidence units.
+    pub lambda: f64,
+    pub edge_costs: EdgeCosts,
+    /// Milliseconds charged per kilobyte sent (radio energy, metered data); 0 counts only
+    /// time.
+    pub ms_per_kb: f64,
+    /// Rewards are assumed to lie in `[−λ·cost_scale_ms, 1]` (the exploration width).
+    pub cost_scale_ms: f64,
+}
+
+impl Default for RewardConfig {
+    fn default() -> Self {
+        Self {
+            kind: RewardKind::SplitEe,
+            lambda: 0.002,
+            edge_costs: EdgeCosts::Measured,
+            ms_per_kb: 0.0,
+            cost_scale_ms: 200.0,
+        }
+    }
+}
+
+/// Per-layer compute time on this device, as `edge-agent profile` measures it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceProfile {
+    #[serde(default)]
+    pub description: String,
+    /// Milliseconds of encoder layer `j` (index `j − 1`), exit head included, at `ref_tokens`.
+    pub layer_ms: Vec<f64>,
+    pub embed_ms: f64,
+    pub ref_tokens: usize,
+}
+
+impl AgentConfig {
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the config {}", path.display()))?;
+        Self::from_toml(&text).with_context(|| format!("in the config {}", path.display()))
+    }
+
+    pub fn from_toml(text: &str) -> anyhow::Result<Self> {
+        let config: Self = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Values that parse but cannot work. Checks against the model come when it is loaded.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.edge_layers != Some(0), "edge_layers must be at least 1");
+        anyhow::ensure!(self.pipeline.window >= 1, "pipeline.window must be at least 1");
+        anyhow::ensure!(self.save_state_every >= 1, "save_state_every must be at least 1");
+        anyhow::ensure!(
+            self.input.max_line_bytes >= 1,
+            "input.max_line_bytes must be at least 1"
+        );
+        anyhow::ensure!(
+            self.exits.measure != ConfidenceMeasure::Patience || self.exits.patience >= 1,
+            "exits.patience must be at least 1"
+        );
+        let r = &self.reward;
+        anyhow::ensure!(
+            r.lambda.is_finite() && r.lambda >= 0.0,
+            "reward.lambda must be finite and >= 0, got {}",
+            r.lambda
+        );
+        anyhow::ensure!(
+            r.ms_per_kb.is_finite() && r.ms_per_kb >= 0.0,
+            "reward.ms_per_kb must be finite and >= 0, got {}",
+            r.ms_per_kb
+        );
+        anyhow::ensure!(
+            r.cost_scale_ms.is_finite() && r.cost_scale_ms > 0.0,
+            "reward.cost_scale_ms must be finite and > 0, got {}",
+            r.cost_scale_ms
+        );
+        anyhow::ensure!(
+            r.edge_costs != EdgeCosts::Profile || self.device.is_some(),
+            "reward.edge_costs = \"profile\" needs a [device] profile (run `edge-agent profile`)"
+        );
+        if let Some(device) = &self.device {
+            anyhow::ensure!(
+                !device.layer_ms.is_empty()
+                    && device
+                        .layer_ms
+                        .iter()
+                        .chain([&device.embed_ms])
+                        .all(|ms| ms.is_finite() && *ms >= 0.0),
+                "device.layer_ms and device.embed_ms must be finite and >= 0"
+            );
+        }
+        if let Some(cloud) = &self.cloud {
+            anyhow::ensure!(
+                cloud.client_cert.is_some() == cloud.client_key.is_some(),
+                "cloud.client_cert and cloud.client_key go together (mutual TLS)"
+            );
+            anyhow::ensure!(
+                cloud.request_timeout_ms >= 1 && cloud.connect_timeout_ms >= 1,
+                "cloud.request_timeout_ms and cloud.connect_timeout_ms must be at least 1"
+            );
+            anyhow::ensure!(
+                cloud.backoff_initial_ms >= 1 && cloud.backoff_max_ms >= cloud.backoff_initial_ms,
+                "cloud.backoff_initial_ms must be >= 1 and <= cloud.backoff_max_ms"
+            );
+            anyhow::ensure!(
+                cloud.timeouts_before_reconnect >= 1,
+                "cloud.timeouts_before_reconnect must be at least 1"
+            );
+            if let Some(t) = cloud.cloud_exit_threshold {
+                anyhow::ensure!(
+                    (0.0..=1.0).contains(&t),
+                    "cloud.cloud_exit_threshold must be in [0, 1], got {t}"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[arms]\nsplits = \"exits\"\nthresholds = [0.9]\n";
+
+    #[test]
+    fn every_shipped_config_parses() {
+        let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut paths = vec![configs.join("edge-agent.toml")];
+        for entry in std::fs::read_dir(configs.join("edge")).unwrap() {
+            paths.push(entry.unwrap().path());
+        }
+        assert!(paths.len() >= 5, "{paths:?}");
+        for path in paths {
+            AgentConfig::from_file(&path).unwrap_or_else(|e| panic!("{e:#}"));
+        }
+    }
+
+    #[test]
+    fn defaults_and_errors_name_the_key() {
+        let config = AgentConfig::from_toml(MINIMAL).unwrap();
+        assert_eq!(config.model, PathBuf::from("models/default"));
+        assert!(config.cloud.is_none());
+        assert_eq!(config.pipeline.window, 16);
+
+        let typo = AgentConfig::from_toml(&format!("{MINIMAL}[pipeline]\nwindw = 3\n"));
+        assert!(format!("{:#}", typo.unwrap_err()).contains("windw"));
+        let zero = AgentConfig::from_toml(&format!("{MINIMAL}[pipeline]\nwindow = 0\n"));
+        assert!(format!("{:#}", zero.unwrap_err()).contains("pipeline.window"));
+        let no_arms = AgentConfig::from_toml("model = \"m\"\n");
+        assert!(format!("{:#}", no_arms.unwrap_err()).contains("arms"));
+        let profile = AgentConfig::from_toml(&format!(
+            "{MINIMAL}[reward]\nedge_costs = \"profile\"\n"
+        ));
+        assert!(format!("{:#}", profile.unwrap_err()).contains("[device]"));
+        let half_mtls = AgentConfig::from_toml(&format!(
+            "{MINIMAL}[cloud]\naddress = \"127.0.0.1:4433\"\nca = \"ca.pem\"\nclient_cert = \"c.pem\"\n"
+        ));
+        assert!(format!("{:#}", half_mtls.unwrap_err()).contains("client_key"));
+    }
+}
