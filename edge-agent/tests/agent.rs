@@ -92,11 +92,24 @@ fn agent_config(cloud: Option<(&GeneratedCerts, std::net::SocketAddr)>, tables: 
 async fn run(
     agent: &mut Agent,
     records: Vec<InputRecord>,
+    on_record: impl FnMut(usize, &SampleRecord),
+) -> (Vec<SampleRecord>, Summary) {
+    run_paced(agent, records, None, on_record).await
+}
+
+/// [`run`], feeding one sample every `every` (as fast as the agent takes them when `None`).
+async fn run_paced(
+    agent: &mut Agent,
+    records: Vec<InputRecord>,
+    every: Option<std::time::Duration>,
     mut on_record: impl FnMut(usize, &SampleRecord),
 ) -> (Vec<SampleRecord>, Summary) {
     let (sender, receiver) = tokio::sync::mpsc::channel(4);
     let feeder = tokio::spawn(async move {
         for record in records {
+            if let Some(every) = every {
+                tokio::time::sleep(every).await;
+            }
             if sender.send(record).await.is_err() {
                 break;
             }
@@ -376,4 +389,118 @@ fn bad_input_lines_get_error_records_and_the_run_goes_on() {
     assert_eq!(summary["errors"], 4);
     assert_eq!(summary["answered"], 2);
     assert_eq!(summary["labelled"], 2);
+}
+
+/// A worker behind the user-space link emulator; the agent's config points at the link.
+async fn worker_behind_link(
+    certs: &GeneratedCerts,
+    link: &str,
+) -> (Worker, simulations::link::LinkHandle) {
+    let worker = start_worker(certs, "127.0.0.1:0").await;
+    let config = simulations::link::LinkConfig::from_toml(link, &repo()).unwrap();
+    let handle = simulations::link::LinkEmulator::start(
+        &config,
+        "127.0.0.1:0".parse().unwrap(),
+        worker.local_addr(),
+    )
+    .unwrap();
+    (worker, handle)
+}
+
+// Known failure (issue #8, open): every sample is answered exactly once, but even before the
+// outage only ~48 % reach the cloud — requests time out through the relay, the agent closes
+// the connection and its in-flight requests fall back. Not yet diagnosed; run with --ignored.
+#[ignore = "fails: cloud rate 0.48 before the outage (see the comment above)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_outage_is_bridged_on_the_device_and_offloading_recovers() {
+    const SAMPLES: usize = 700;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs(dir.path());
+    // 5 s without any packet in either direction, from 3 s to 8 s.
+    let link = "[uplink]\nrate = { kind = \"constant\", rate_mbps = 50 }\ndelay_ms = 5\n\
+                [downlink]\nrate = { kind = \"constant\", rate_mbps = 50 }\ndelay_ms = 5\n\
+                [[outages]]\nat_s = 3\nduration_s = 5\n";
+    let (worker, link) = worker_behind_link(&certs, link).await;
+    let mut config = agent_config(
+        Some((&certs, link.local_addr())),
+        "[arms]\nsplits = [2]\nthresholds = [1.0]\n[policy]\nkind = \"fixed\"\narm = 0\n",
+    );
+    config.cloud.as_mut().unwrap().request_timeout_ms = 500;
+    let mut agent = Agent::start(&config, device(), Arc::new(Metrics::new()), true)
+        .await
+        .unwrap();
+    let start = link.started_at();
+    let mut answered_at = Vec::new();
+    let (records, summary) = run_paced(
+        &mut agent,
+        sentences(SAMPLES),
+        Some(std::time::Duration::from_millis(16)),
+        |_, _| answered_at.push(start.elapsed().as_secs_f64()),
+    )
+    .await;
+    agent.shutdown().await.unwrap();
+    link.shutdown().await;
+    worker.shutdown().await.unwrap();
+
+    assert_eq!(records.len(), SAMPLES);
+    for (index, record) in records.iter().enumerate() {
+        assert_eq!(record.line, index + 2);
+        assert!(record.prediction.is_some(), "{record:?}");
+    }
+    let cloud_rate = |from: f64, to: f64| {
+        let window: Vec<&SampleRecord> = records
+            .iter()
+            .zip(&answered_at)
+            .filter(|(_, t)| (from..to).contains(*t))
+            .map(|(r, _)| r)
+            .collect();
+        assert!(window.len() >= 20, "only {} samples in {from}..{to} s", window.len());
+        window.iter().filter(|r| r.answered == Answered::Cloud).count() as f64 / window.len() as f64
+    };
+    let (before, during, after) = (
+        cloud_rate(0.5, 2.8),
+        cloud_rate(3.6, 7.9),
+        cloud_rate(9.5, 100.0),
+    );
+    assert!(before > 0.95, "before the outage {before}: {summary:?}");
+    assert_eq!(during, 0.0, "{summary:?}");
+    assert!(after > 0.95, "after the outage {after}: {summary:?}");
+    assert_eq!(summary.in_cloud + summary.fallbacks, SAMPLES as u64);
+}
+
+// Known failure (issue #8, open): no sample is lost (200 of 200 answered), but only 101
+// reached the cloud: 48 "connection lost", 40 "unreachable", 11 timeouts. Run with --ignored.
+#[ignore = "fails: 101/200 cloud answers under 10% loss (see the comment above)"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_percent_packet_loss_loses_no_sample() {
+    const SAMPLES: usize = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs(dir.path());
+    let link = "seed = 7\n\
+                [uplink]\nrate = { kind = \"constant\", rate_mbps = 20 }\ndelay_ms = 10\n\
+                loss = { kind = \"bernoulli\", p = 0.1 }\n\
+                [downlink]\nrate = { kind = \"constant\", rate_mbps = 20 }\ndelay_ms = 10\n\
+                loss = { kind = \"bernoulli\", p = 0.1 }\n";
+    let (worker, link) = worker_behind_link(&certs, link).await;
+    let config = agent_config(
+        Some((&certs, link.local_addr())),
+        "[arms]\nsplits = [3]\nthresholds = [1.0]\n[policy]\nkind = \"fixed\"\narm = 0\n",
+    );
+    let mut agent = Agent::start(&config, device(), Arc::new(Metrics::new()), true)
+        .await
+        .unwrap();
+    let (records, summary) = run(&mut agent, sentences(SAMPLES), |_, _| {}).await;
+    agent.shutdown().await.unwrap();
+    let stats = link.stats();
+    link.shutdown().await;
+    worker.shutdown().await.unwrap();
+
+    assert_eq!(records.len(), SAMPLES);
+    for (index, record) in records.iter().enumerate() {
+        assert_eq!(record.line, index + 2);
+        assert!(record.prediction.is_some(), "{record:?}");
+    }
+    assert!(stats.uplink.dropped_loss > 0 && stats.downlink.dropped_loss > 0, "{stats:?}");
+    // QUIC retransmits what the link drops: nearly every sample still gets the cloud's answer.
+    assert!(summary.in_cloud as usize >= SAMPLES * 9 / 10, "{summary:?}");
 }
