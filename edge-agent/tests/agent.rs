@@ -142,6 +142,15 @@ fn local_probs(loaded: &LoadedModel, text: &str, layer: usize) -> Vec<f32> {
         .unwrap()
 }
 
+/// Exactly one answer per sample of the `samples` first test sentences, in input order.
+fn assert_each_answered_once(records: &[SampleRecord], samples: usize) {
+    assert_eq!(records.len(), samples);
+    for (index, record) in records.iter().enumerate() {
+        assert_eq!(record.line, index + 2, "{record:?}");
+        assert!(record.prediction.is_some(), "{record:?}");
+    }
+}
+
 fn argmax(probs: &[f32]) -> u32 {
     edge_agent::edge::argmax(probs)
 }
@@ -258,12 +267,7 @@ async fn a_worker_outage_loses_no_sample_and_offloading_resumes_after_the_restar
     supervisor.await.unwrap();
     agent.shutdown().await.unwrap();
 
-    // Exactly one answer per sample, in input order.
-    assert_eq!(records.len(), SAMPLES);
-    for (index, record) in records.iter().enumerate() {
-        assert_eq!(record.line, index + 2, "{record:?}");
-        assert!(record.prediction.is_some(), "{record:?}");
-    }
+    assert_each_answered_once(&records, SAMPLES);
     let answered = |range: std::ops::Range<usize>, how: Answered| {
         records[range].iter().filter(|r| r.answered == how).count()
     };
@@ -442,11 +446,7 @@ async fn a_link_outage_is_bridged_on_the_device_and_offloading_recovers() {
     link.shutdown().await;
     worker.shutdown().await.unwrap();
 
-    assert_eq!(records.len(), SAMPLES);
-    for (index, record) in records.iter().enumerate() {
-        assert_eq!(record.line, index + 2);
-        assert!(record.prediction.is_some(), "{record:?}");
-    }
+    assert_each_answered_once(&records, SAMPLES);
     let cloud_rate = |from: f64, to: f64| {
         let window: Vec<&SampleRecord> = records
             .iter()
@@ -495,11 +495,7 @@ async fn ten_percent_packet_loss_loses_no_sample() {
     link.shutdown().await;
     worker.shutdown().await.unwrap();
 
-    assert_eq!(records.len(), SAMPLES);
-    for (index, record) in records.iter().enumerate() {
-        assert_eq!(record.line, index + 2);
-        assert!(record.prediction.is_some(), "{record:?}");
-    }
+    assert_each_answered_once(&records, SAMPLES);
     assert!(stats.uplink.dropped_loss > 0 && stats.downlink.dropped_loss > 0, "{stats:?}");
     // QUIC retransmits what the link drops: nearly every sample still gets the cloud's answer.
     assert!(summary.in_cloud as usize >= SAMPLES * 9 / 10, "{summary:?}");
