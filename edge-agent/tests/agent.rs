@@ -411,10 +411,11 @@ async fn worker_behind_link(
     (worker, handle)
 }
 
-// Known failure (issue #8, open): every sample is answered exactly once, but even before the
-// outage only ~48 % reach the cloud — requests time out through the relay, the agent closes
-// the connection and its in-flight requests fall back. Not yet diagnosed; run with --ignored.
-#[ignore = "fails: cloud rate 0.48 before the outage (see the comment above)"]
+// Known failure (issue #8, open): every sample is answered exactly once and nothing reaches
+// the cloud during the outage, but before it only 93 % (bar: 95 %) of samples were answered
+// by the cloud in the last run: some requests exceed the 500 ms deadline while the worker, the
+// agent and other builds share two cores. Run with --ignored.
+#[ignore = "fails: cloud rate 0.93 before the outage, bar 0.95 (see the comment above)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_outage_is_bridged_on_the_device_and_offloading_recovers() {
     const SAMPLES: usize = 700;
@@ -468,9 +469,6 @@ async fn a_link_outage_is_bridged_on_the_device_and_offloading_recovers() {
     assert_eq!(summary.in_cloud + summary.fallbacks, SAMPLES as u64);
 }
 
-// Known failure (issue #8, open): no sample is lost (200 of 200 answered), but only 101
-// reached the cloud: 48 "connection lost", 40 "unreachable", 11 timeouts. Run with --ignored.
-#[ignore = "fails: 101/200 cloud answers under 10% loss (see the comment above)"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_percent_packet_loss_loses_no_sample() {
     const SAMPLES: usize = 200;
