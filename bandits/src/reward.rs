@@ -107,6 +107,36 @@ impl CostModel {
         }
     }
 
+    /// The cost of carrying a sample on the device from layer `from` to layer `to` after its
+    /// offload failed, priced like the edge layers before the split: the profile's
+    /// difference, `to − from` abstract units, or `measured` (what finishing took) when edge
+    /// costs are measured. Charging a profiled device its real clock here would make a failed
+    /// offload look cheaper than running the same layers on purpose.
+    pub fn device_finish_cost(
+        &self,
+        from: usize,
+        to: usize,
+        measured: f64,
+    ) -> Result<f64, BanditError> {
+        match &self.edge {
+            EdgeCost::Layers => Ok(to.saturating_sub(from) as f64),
+            EdgeCost::Profile(profile) => {
+                let cumulative = |layer: usize| match layer {
+                    0 => Ok(0.0),
+                    layer => profile
+                        .get(layer - 1)
+                        .copied()
+                        .ok_or(BanditError::MissingEdgeCost { layer }),
+                };
+                Ok((cumulative(to)? - cumulative(from)?).max(0.0))
+            }
+            EdgeCost::Measured => {
+                check_cost("measured device finish", measured)?;
+                Ok(measured)
+            }
+        }
+    }
+
     pub fn offload_cost(&self, obs: &Observation<'_>) -> Result<f64, BanditError> {
         match self.offload {
             OffloadCost::Constant(o) => Ok(o),
@@ -351,6 +381,30 @@ mod tests {
     use crate::decision::{ExitCheck, Fallback};
 
     const L: usize = 4;
+
+    #[test]
+    fn a_failed_offloads_device_finish_is_priced_like_the_edge_layers() {
+        let profiled = CostModel {
+            lambda: 0.01,
+            edge: EdgeCost::Profile(vec![10.0, 25.0, 45.0, 70.0]),
+            offload: OffloadCost::Measured,
+        };
+        // Layers 2..=4 after a split at 1: the profile says 70 − 10, whatever the clock said.
+        assert_eq!(profiled.device_finish_cost(1, 4, 3.0), Ok(60.0));
+        assert_eq!(profiled.device_finish_cost(4, 4, 0.0), Ok(0.0));
+        assert_eq!(
+            profiled.device_finish_cost(1, 5, 3.0),
+            Err(BanditError::MissingEdgeCost { layer: 5 })
+        );
+        let measured = CostModel {
+            edge: EdgeCost::Measured,
+            ..profiled.clone()
+        };
+        assert_eq!(measured.device_finish_cost(1, 4, 3.0), Ok(3.0));
+        assert!(measured.device_finish_cost(1, 4, f64::NAN).is_err());
+        let units = CostModel::abstract_units(0.1, 2.0).unwrap();
+        assert_eq!(units.device_finish_cost(1, 4, 3.0), Ok(3.0));
+    }
 
     fn splitee(lambda: f64, o: f64) -> RewardModel {
         RewardModel::new(

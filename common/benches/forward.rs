@@ -30,11 +30,6 @@ fn main() {
         threads,
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into())
     );
-    println!(
-        "{:<14} {:>6} {:>14} {:>9} {:>16} {:>9}",
-        "backend", "seq", "1 layer ms", "GFLOP/s", "6 layers ms", "GFLOP/s"
-    );
-    let mut rows = Vec::new();
     let mut backends = vec![BackendChoice::Flex, BackendChoice::Ndarray];
     if cfg!(feature = "wgpu") {
         // The wgpu row (`--features wgpu`): whatever adapter wgpu picks, named in the output.
@@ -46,6 +41,11 @@ fn main() {
             Err(why) => println!("no wgpu row: {why}"),
         }
     }
+    println!(
+        "{:<14} {:>6} {:>14} {:>9} {:>16} {:>9}",
+        "backend", "seq", "1 layer ms", "GFLOP/s", "6 layers ms", "GFLOP/s"
+    );
+    let mut rows = Vec::new();
     for backend in backends {
         let device = backend.device().unwrap();
         let model = model_dir.load_model(&device).unwrap();

@@ -125,7 +125,11 @@ pub struct Columns {
 impl Columns {
     /// `path` is only used in the error.
     pub fn from_header(header: &[&str], path: &Path) -> Result<Self> {
-        let column = |name: &str| header.iter().position(|c| c.trim().eq_ignore_ascii_case(name));
+        let column = |name: &str| {
+            header
+                .iter()
+                .position(|c| c.trim().eq_ignore_ascii_case(name))
+        };
         let sentence = column("sentence").ok_or_else(|| Error::Config {
             path: path.to_owned(),
             message: format!("header {header:?} has no `sentence` column"),

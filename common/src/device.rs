@@ -140,15 +140,16 @@ impl BackendChoice {
 pub fn gpu_adapter() -> Result<GpuAdapter, String> {
     #[cfg(feature = "wgpu")]
     {
-        static PROBE: std::sync::OnceLock<Result<GpuAdapter, String>> =
-            std::sync::OnceLock::new();
+        static PROBE: std::sync::OnceLock<Result<GpuAdapter, String>> = std::sync::OnceLock::new();
         PROBE.get_or_init(probe_gpu).clone()
     }
     #[cfg(not(feature = "wgpu"))]
     {
-        Err("this build has no GPU support: rebuild with `--features splitee-common/wgpu` \
+        Err(
+            "this build has no GPU support: rebuild with `--features splitee-common/wgpu` \
              (or `--features wgpu` for the splitee-common crate itself)"
-            .to_owned())
+                .to_owned(),
+        )
     }
 }
 
@@ -265,6 +266,7 @@ mod tests {
             Err(reason) => {
                 assert_eq!(used, BackendChoice::Flex);
                 let why = why.expect("a fallback always says why");
+                println!("fell back: {why}");
                 assert!(why.contains(&reason) && why.contains("flex"), "{why}");
                 assert!(BackendChoice::Wgpu.device().is_err());
             }
@@ -276,7 +278,9 @@ mod tests {
         let (_, used, why) = BackendChoice::Wgpu.device_with_fallback_policy(false);
         if gpu_adapter().is_ok_and(|adapter| adapter.software) {
             assert_eq!(used, BackendChoice::Flex);
-            assert!(why.unwrap().contains(ALLOW_SOFTWARE_ADAPTER_ENV));
+            let why = why.unwrap();
+            println!("fell back: {why}");
+            assert!(why.contains(ALLOW_SOFTWARE_ADAPTER_ENV), "{why}");
         }
     }
 

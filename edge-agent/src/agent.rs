@@ -24,7 +24,8 @@
 //! Edge cost: measured milliseconds up to each layer (or the `[device]` profile's). Offload
 //! cost: the round trip the device waited (network + the worker's queue and compute), plus
 //! `ms_per_kb` per kilobyte sent. A failed offload costs the time until the failure was known
-//! plus the device's extra layers; its "final confidence" is the device's deepest exit's
+//! plus the device's extra layers (priced like the layers before the split: measured, or from
+//! the `[device]` profile); its "final confidence" is the device's deepest exit's
 //! top probability, which is `C_L` when the device holds the whole model.
 
 use std::collections::{BTreeMap, HashMap};
@@ -158,10 +159,9 @@ impl Agent {
         let loaded = dir
             .load_prefix(&device, edge_layers)
             .with_context(|| format!("loading the model {}", config.model.display()))?;
-        let state = config
-            .state_file
-            .as_ref()
-            .map(|path| StateFile::new(path, loaded.fingerprint.to_string(), config.policy.clone()));
+        let state = config.state_file.as_ref().map(|path| {
+            StateFile::new(path, loaded.fingerprint.to_string(), config.policy.clone())
+        });
         let (controller, learned) = match &state {
             Some(file) if !fresh_state => match file.restore(&fresh)? {
                 Some((controller, learned)) => {
@@ -211,7 +211,10 @@ impl Agent {
             save_every: config.save_state_every,
             fingerprint: loaded.fingerprint,
             hidden_size,
-            encoding: config.cloud.as_ref().map_or(PayloadEncoding::F16, |c| c.encoding),
+            encoding: config
+                .cloud
+                .as_ref()
+                .map_or(PayloadEncoding::F16, |c| c.encoding),
             cloud_exit_threshold: config.cloud.as_ref().and_then(|c| c.cloud_exit_threshold),
             ms_per_kb: config.reward.ms_per_kb,
             window: config.pipeline.window,
@@ -341,7 +344,10 @@ impl Agent {
         };
         match pass.decision {
             Decision::Exit { layer } => {
-                let exit = pass.exit(layer).expect("an exit decision has its reading").clone();
+                let exit = pass
+                    .exit(layer)
+                    .expect("an exit decision has its reading")
+                    .clone();
                 let latency = Latency {
                     total: ms(started.elapsed()),
                     edge: pass.edge_ms(),
@@ -365,7 +371,10 @@ impl Agent {
                 ))
             }
             Decision::Offload { after } => {
-                let hidden = pass.hidden.take().expect("an offload decision keeps the states");
+                let hidden = pass
+                    .hidden
+                    .take()
+                    .expect("an offload decision keeps the states");
                 let request = OffloadRequest {
                     request_id: self.next_request_id,
                     fingerprint: self.fingerprint.0,
@@ -471,7 +480,17 @@ impl Agent {
                     OffloadFailure::Unreachable(_) => 0,
                     _ => self.encoding.payload_len(pass.tokens, self.hidden_size) as u64,
                 };
-                let offload_ms = waited_ms + local.extra_ms + self.byte_cost(bytes_sent);
+                // The layers the device ran after the failure, priced like its other layers.
+                let finish_ms = self
+                    .controller
+                    .reward_model()
+                    .cost
+                    .device_finish_cost(split, local.exit.layer, local.extra_ms)
+                    .unwrap_or_else(|error| {
+                        tracing::warn!(%error, "charging the measured device time instead");
+                        local.extra_ms
+                    });
+                let offload_ms = waited_ms + finish_ms + self.byte_cost(bytes_sent);
                 let obs = Observation::offloaded(&confidences, split, local.exit.confidence)
                     .with_edge_costs(&edge_costs)
                     .with_offload_cost(offload_ms);
@@ -524,7 +543,11 @@ impl Agent {
 
     /// The device cost the bandit charged for layers `1..=layer`.
     fn edge_cost(&self, obs: &Observation<'_>, layer: usize) -> Option<f64> {
-        self.controller.reward_model().cost.edge_cost(layer, obs).ok()
+        self.controller
+            .reward_model()
+            .cost
+            .edge_cost(layer, obs)
+            .ok()
     }
 
     fn byte_cost(&self, bytes: u64) -> f64 {

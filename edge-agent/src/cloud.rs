@@ -223,7 +223,8 @@ impl CloudLink {
                 backoff,
                 reason,
             } => {
-                let (due, backoff, reason) = (Instant::now() >= *retry_at, *backoff, reason.clone());
+                let (due, backoff, reason) =
+                    (Instant::now() >= *retry_at, *backoff, reason.clone());
                 if due {
                     *state = LinkState::Connecting;
                     drop(state);
@@ -244,7 +245,11 @@ impl CloudLink {
     async fn reconnect(&self, backoff: Duration) {
         let attempt = tokio::time::timeout(
             self.config.connect_timeout(),
-            transport::connect(&self.endpoint, self.config.address, &self.config.server_name),
+            transport::connect(
+                &self.endpoint,
+                self.config.address,
+                &self.config.server_name,
+            ),
         )
         .await;
         let result = match attempt {

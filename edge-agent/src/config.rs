@@ -256,9 +256,18 @@ impl AgentConfig {
 
     /// Values that parse but cannot work. Checks against the model come when it is loaded.
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.edge_layers != Some(0), "edge_layers must be at least 1");
-        anyhow::ensure!(self.pipeline.window >= 1, "pipeline.window must be at least 1");
-        anyhow::ensure!(self.save_state_every >= 1, "save_state_every must be at least 1");
+        anyhow::ensure!(
+            self.edge_layers != Some(0),
+            "edge_layers must be at least 1"
+        );
+        anyhow::ensure!(
+            self.pipeline.window >= 1,
+            "pipeline.window must be at least 1"
+        );
+        anyhow::ensure!(
+            self.save_state_every >= 1,
+            "save_state_every must be at least 1"
+        );
         anyhow::ensure!(
             self.input.max_line_bytes >= 1,
             "input.max_line_bytes must be at least 1"
@@ -358,9 +367,8 @@ mod tests {
         assert!(format!("{:#}", zero.unwrap_err()).contains("pipeline.window"));
         let no_arms = AgentConfig::from_toml("model = \"m\"\n");
         assert!(format!("{:#}", no_arms.unwrap_err()).contains("arms"));
-        let profile = AgentConfig::from_toml(&format!(
-            "{MINIMAL}[reward]\nedge_costs = \"profile\"\n"
-        ));
+        let profile =
+            AgentConfig::from_toml(&format!("{MINIMAL}[reward]\nedge_costs = \"profile\"\n"));
         assert!(format!("{:#}", profile.unwrap_err()).contains("[device]"));
         let half_mtls = AgentConfig::from_toml(&format!(
             "{MINIMAL}[cloud]\naddress = \"127.0.0.1:4433\"\nca = \"ca.pem\"\nclient_cert = \"c.pem\"\n"

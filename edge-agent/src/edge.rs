@@ -345,15 +345,10 @@ impl EdgeModel {
         };
         let started = Instant::now();
         let size = self.model.config().hidden_size;
-        let states =
-            Tensor::<3>::from_data(TensorData::new(rows, [1, tokens, size]), &self.device);
-        let hidden = self.model.run_layers(
-            Hidden {
-                states,
-                mask: None,
-            },
-            split..deepest,
-        )?;
+        let states = Tensor::<3>::from_data(TensorData::new(rows, [1, tokens, size]), &self.device);
+        let hidden = self
+            .model
+            .run_layers(Hidden { states, mask: None }, split..deepest)?;
         let probs = self.probs(deepest, &hidden)?;
         let confidence = max_prob(&probs);
         Ok(LocalFinish {

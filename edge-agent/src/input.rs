@@ -117,7 +117,9 @@ fn parse(format: InputFormat, columns: Option<&Columns>, line: usize, text: Stri
         (InputFormat::Jsonl, _) => match serde_json::from_str::<JsonSample>(&text) {
             Ok(sample) => InputRecord {
                 line,
-                id: sample.id.map_or_else(|| line.to_string(), |id| id.to_string()),
+                id: sample
+                    .id
+                    .map_or_else(|| line.to_string(), |id| id.to_string()),
                 label: sample.label,
                 text: Ok(sample.text),
             },
@@ -270,12 +272,23 @@ mod tests {
         let records = read_all(input, InputFormat::Tsv, 100).unwrap();
         let summary: Vec<_> = records
             .iter()
-            .map(|r| (r.line, r.label, r.text.clone().map_err(|e| e.split(':').next().unwrap().to_owned())))
+            .map(|r| {
+                (
+                    r.line,
+                    r.label,
+                    r.text
+                        .clone()
+                        .map_err(|e| e.split(':').next().unwrap().to_owned()),
+                )
+            })
             .collect();
         assert_eq!(summary[0], (2, Some(1), Ok("good film".into())));
         assert_eq!(summary[1], (3, None, Err("empty line".into())));
         assert_eq!(records[2].text, Err("1 columns, the header has 2".into()));
-        assert_eq!(records[3].text, Err("label \"positive\" is not a class index".into()));
+        assert_eq!(
+            records[3].text,
+            Err("label \"positive\" is not a class index".into())
+        );
         assert_eq!(summary[4], (6, Some(0), Ok("awful".into())));
         assert_eq!(records.len(), 5);
     }
@@ -297,7 +310,10 @@ mod tests {
         assert_eq!(records[1].text, Ok("b".into()));
         assert_eq!(records[1].id, "2");
         for bad in &records[2..] {
-            assert!(bad.text.as_ref().unwrap_err().starts_with("malformed JSON"), "{bad:?}");
+            assert!(
+                bad.text.as_ref().unwrap_err().starts_with("malformed JSON"),
+                "{bad:?}"
+            );
         }
     }
 
@@ -313,8 +329,17 @@ mod tests {
             records[1].text,
             Err("line of 100000 bytes exceeds the limit of 1000".into())
         );
-        assert!(records[2].text.as_ref().unwrap_err().starts_with("not UTF-8"));
-        assert_eq!((records[3].line, records[3].text.clone()), (4, Ok("last".into())));
+        assert!(
+            records[2]
+                .text
+                .as_ref()
+                .unwrap_err()
+                .starts_with("not UTF-8")
+        );
+        assert_eq!(
+            (records[3].line, records[3].text.clone()),
+            (4, Ok("last".into()))
+        );
     }
 
     #[test]
@@ -326,8 +351,17 @@ mod tests {
 
     #[test]
     fn formats_follow_the_extension() {
-        assert_eq!(InputFormat::detect(Path::new("a/dev.tsv")), InputFormat::Tsv);
-        assert_eq!(InputFormat::detect(Path::new("x.jsonl")), InputFormat::Jsonl);
-        assert_eq!(InputFormat::detect(Path::new("notes.txt")), InputFormat::Lines);
+        assert_eq!(
+            InputFormat::detect(Path::new("a/dev.tsv")),
+            InputFormat::Tsv
+        );
+        assert_eq!(
+            InputFormat::detect(Path::new("x.jsonl")),
+            InputFormat::Jsonl
+        );
+        assert_eq!(
+            InputFormat::detect(Path::new("notes.txt")),
+            InputFormat::Lines
+        );
     }
 }

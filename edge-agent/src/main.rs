@@ -98,8 +98,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -134,7 +133,7 @@ fn main() -> anyhow::Result<()> {
                     .context("--cloud needs a [cloud] table in the config (for its CA)")?
                     .address = address;
             }
-            let device = pick_device(agent_config.backend)?;
+            let (device, _) = pick_device(agent_config.backend);
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(run(RunArgs {
                 config: agent_config,
@@ -156,7 +155,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let agent_config = AgentConfig::from_file(&config)?;
             let backend = backend.unwrap_or(agent_config.backend);
-            let device = pick_device(backend)?;
+            let (device, backend) = pick_device(backend);
             let description = format!(
                 "measured by `edge-agent profile` with the {backend} backend, {tokens} tokens, \
                  median of {runs} runs"
@@ -180,7 +179,7 @@ fn main() -> anyhow::Result<()> {
             backend,
             text,
         } => {
-            let device = pick_device(backend)?;
+            let (device, backend) = pick_device(backend);
             inspect::run(&model, backend, &device, &text)
         }
     }
@@ -188,15 +187,15 @@ fn main() -> anyhow::Result<()> {
 
 /// The one place the device is chosen. A GPU that is asked for but missing is a warning, not
 /// a failure: the agent falls back to the CPU and says so.
-fn pick_device(backend: BackendChoice) -> anyhow::Result<Device> {
-    match backend.device() {
-        Ok(device) => Ok(device),
-        Err(why) if backend == BackendChoice::Wgpu => {
-            tracing::warn!("no GPU: {why}; falling back to the {} CPU backend", BackendChoice::Flex);
-            BackendChoice::Flex.device().map_err(anyhow::Error::msg)
-        }
-        Err(why) => Err(anyhow::Error::msg(why)),
+/// The device for `backend`, chosen once here. Asked for wgpu without a usable GPU adapter (a
+/// build without the feature, no driver, or only a software rasterizer), the agent says why and
+/// runs on the CPU: a device in the field should answer slowly rather than not at all.
+fn pick_device(backend: BackendChoice) -> (Device, BackendChoice) {
+    let (device, used, fell_back_because) = backend.device_with_fallback();
+    if let Some(why) = fell_back_because {
+        tracing::warn!("{why}");
     }
+    (device, used)
 }
 
 struct RunArgs {

@@ -31,7 +31,10 @@ pub fn measure(
     // Which ids does not matter for timing; a real word keeps it representative.
     let word = loaded.tokenizer.encode("good")?.ids[1];
     let sequence: Vec<u32> = std::iter::repeat_n(word, tokens).collect();
-    let batch = Batch::pad(std::iter::once(sequence.as_slice()), loaded.tokenizer.pad_id());
+    let batch = Batch::pad(
+        std::iter::once(sequence.as_slice()),
+        loaded.tokenizer.pad_id(),
+    );
     profile_forward(&loaded.model, &batch, device)?;
     let mut embed = Vec::with_capacity(runs);
     let mut layers = vec![Vec::with_capacity(runs); loaded.model.num_layers()];
@@ -97,6 +100,9 @@ mod tests {
         let config = AgentConfig::from_toml(&written).unwrap();
         let device = config.device.unwrap();
         assert_eq!(device.layer_ms, vec![2.123, 3.0]);
-        assert_eq!((device.ref_tokens, device.description.as_str()), (32, "measured"));
+        assert_eq!(
+            (device.ref_tokens, device.description.as_str()),
+            (32, "measured")
+        );
     }
 }

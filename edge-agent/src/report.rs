@@ -249,7 +249,11 @@ impl Summary {
                 String::new()
             }
         );
-        let _ = writeln!(out, "offload rate     {}", opt(self.offload_rate, 100.0, "%"));
+        let _ = writeln!(
+            out,
+            "offload rate     {}",
+            opt(self.offload_rate, 100.0, "%")
+        );
         let _ = writeln!(
             out,
             "latency          mean {} · p50 {} · p99 {}",
@@ -313,13 +317,21 @@ mod tests {
         tally.add(&answered(Answered::Cloud, 0, 1, 30.0));
         tally.add(&answered(Answered::DeviceFallback, 0, 0, 50.0));
         tally.add(&answered(Answered::Device, 1, 1, 20.0));
-        tally.add(&SampleRecord::failed("bad".into(), 9, None, "empty line".into()));
+        tally.add(&SampleRecord::failed(
+            "bad".into(),
+            9,
+            None,
+            "empty line".into(),
+        ));
         let s = tally.summary();
         assert_eq!((s.samples, s.answered, s.errors), (5, 4, 1));
         assert_eq!(s.accuracy, Some(0.75));
         assert_eq!(s.offload_rate, Some(0.5));
         assert_eq!(s.latency_mean_ms, Some(27.5));
-        assert_eq!((s.latency_p50_ms, s.latency_p99_ms), (Some(20.0), Some(50.0)));
+        assert_eq!(
+            (s.latency_p50_ms, s.latency_p99_ms),
+            (Some(20.0), Some(50.0))
+        );
         assert_eq!(s.pulls[0].pulls, 4);
         assert_eq!(s.fallback_reasons.get("timeout"), Some(&1));
         assert!(s.table().contains("75.00%"), "{}", s.table());

@@ -59,7 +59,10 @@ impl StateFile {
         let saved: SavedState =
             serde_json::from_str(&text).map_err(|e| refuse(format!("is corrupt: {e}")))?;
         if saved.format != FORMAT {
-            return Err(refuse(format!("has format {}, expected {FORMAT}", saved.format)));
+            return Err(refuse(format!(
+                "has format {}, expected {FORMAT}",
+                saved.format
+            )));
         }
         if saved.model_fingerprint != self.model_fingerprint {
             return Err(refuse(format!(
@@ -142,7 +145,10 @@ mod tests {
             live.learn(index, &obs).unwrap();
         }
         file.save(&live, 40).unwrap();
-        let (mut restored, learned) = file.restore(&controller(&policy, &[0.8, 0.9])).unwrap().unwrap();
+        let (mut restored, learned) = file
+            .restore(&controller(&policy, &[0.8, 0.9]))
+            .unwrap()
+            .unwrap();
         assert_eq!(learned, 40);
         for _ in 0..10 {
             assert_eq!(restored.select(), live.select());
@@ -151,10 +157,19 @@ mod tests {
         let other_model = StateFile::new(&path, "def".into(), policy.clone());
         let error = other_model.restore(&live).unwrap_err().to_string();
         assert!(error.contains("was learnt on model abc"), "{error}");
-        let other_arms = file.restore(&controller(&policy, &[0.7])).unwrap_err().to_string();
+        let other_arms = file
+            .restore(&controller(&policy, &[0.7]))
+            .unwrap_err()
+            .to_string();
         assert!(other_arms.contains("arm set"), "{other_arms}");
         let other_policy = StateFile::new(&path, "abc".into(), PolicyConfig::Ucb1 { c: 2.0 });
-        assert!(other_policy.restore(&live).unwrap_err().to_string().contains("policy"));
+        assert!(
+            other_policy
+                .restore(&live)
+                .unwrap_err()
+                .to_string()
+                .contains("policy")
+        );
 
         std::fs::write(&path, "{ not json").unwrap();
         let corrupt = file.restore(&live).unwrap_err().to_string();

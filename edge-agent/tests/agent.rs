@@ -30,7 +30,10 @@ fn device() -> Device {
 fn sentences(n: usize) -> Vec<InputRecord> {
     let path = repo().join("../shared/data/sentence-polarity/test.tsv");
     let file = std::fs::File::open(&path).unwrap_or_else(|e| {
-        panic!("these tests need ../shared beside the repository ({}): {e}", path.display())
+        panic!(
+            "these tests need ../shared beside the repository ({}): {e}",
+            path.display()
+        )
     });
     let mut records = Vec::new();
     input::read(
@@ -57,7 +60,10 @@ fn certs(dir: &Path) -> GeneratedCerts {
 }
 
 fn load_model() -> LoadedModel {
-    ModelDir::open(&model_dir()).unwrap().load(&device()).unwrap()
+    ModelDir::open(&model_dir())
+        .unwrap()
+        .load(&device())
+        .unwrap()
 }
 
 async fn start_worker(certs: &GeneratedCerts, listen: &str) -> Worker {
@@ -74,7 +80,10 @@ async fn start_worker(certs: &GeneratedCerts, listen: &str) -> Worker {
 }
 
 /// An agent config on the default model; `tables` holds [arms], [policy], … as TOML.
-fn agent_config(cloud: Option<(&GeneratedCerts, std::net::SocketAddr)>, tables: &str) -> AgentConfig {
+fn agent_config(
+    cloud: Option<(&GeneratedCerts, std::net::SocketAddr)>,
+    tables: &str,
+) -> AgentConfig {
     let mut text = format!("model = {:?}\n", model_dir().to_str().unwrap());
     if let Some((certs, address)) = cloud {
         text.push_str(&format!(
@@ -170,17 +179,27 @@ async fn offloading_at_every_split_matches_the_local_model_and_alpha_zero_matche
         // α = 1: no exit is ever that sure, so every sample goes to the cloud.
         let config = agent_config(
             Some((&certs, address)),
-            &format!("[arms]\nsplits = [{split}]\nthresholds = [1.0]\n[policy]\nkind = \"fixed\"\narm = 0\n"),
+            &format!(
+                "[arms]\nsplits = [{split}]\nthresholds = [1.0]\n[policy]\nkind = \"fixed\"\narm = 0\n"
+            ),
         );
         let mut agent = Agent::start(&config, device(), Arc::new(Metrics::new()), true)
             .await
             .unwrap();
         let (records, summary) = run(&mut agent, samples.clone(), |_, _| {}).await;
-        assert_eq!(summary.in_cloud, samples.len() as u64, "split {split}: {summary:?}");
+        assert_eq!(
+            summary.in_cloud,
+            samples.len() as u64,
+            "split {split}: {summary:?}"
+        );
         for (record, expected) in records.iter().zip(&final_probs) {
             assert_eq!(record.answered, Answered::Cloud);
             assert_eq!(record.exit_layer, Some(6));
-            assert_eq!(record.prediction, Some(argmax(expected)), "split {split}, {record:?}");
+            assert_eq!(
+                record.prediction,
+                Some(argmax(expected)),
+                "split {split}, {record:?}"
+            );
             let confidence = record.confidence.unwrap();
             let local_confidence = f64::from(expected.iter().copied().fold(0.0, f32::max));
             assert!(
@@ -208,7 +227,10 @@ async fn offloading_at_every_split_matches_the_local_model_and_alpha_zero_matche
         for (record, text) in records.iter().zip(&texts) {
             assert_eq!(record.answered, Answered::Device);
             assert_eq!(record.exit_layer, Some(layer));
-            assert_eq!(record.prediction, Some(argmax(&local_probs(&local, text, layer))));
+            assert_eq!(
+                record.prediction,
+                Some(argmax(&local_probs(&local, text, layer)))
+            );
             assert_eq!(record.bytes_sent, 0);
         }
         agent.shutdown().await.unwrap();
@@ -271,7 +293,11 @@ async fn a_worker_outage_loses_no_sample_and_offloading_resumes_after_the_restar
     let answered = |range: std::ops::Range<usize>, how: Answered| {
         records[range].iter().filter(|r| r.answered == how).count()
     };
-    assert_eq!(answered(0..STOP_AT, Answered::Cloud), STOP_AT, "{summary:?}");
+    assert_eq!(
+        answered(0..STOP_AT, Answered::Cloud),
+        STOP_AT,
+        "{summary:?}"
+    );
     // Once the shutdown began (a window after the stop at most), nothing reaches the cloud
     // until the restart, and those samples say they were answered on the device.
     let outage = STOP_AT + 2 * WINDOW..RESTART_AT;
@@ -283,8 +309,15 @@ async fn a_worker_outage_loses_no_sample_and_offloading_resumes_after_the_restar
     }
     // Offloading resumes after the restart.
     let after = answered(RESTART_AT..SAMPLES, Answered::Cloud);
-    assert!(after >= 100, "only {after} cloud answers after the restart: {summary:?}");
-    assert!(records[SAMPLES - 20..].iter().all(|r| r.answered == Answered::Cloud));
+    assert!(
+        after >= 100,
+        "only {after} cloud answers after the restart: {summary:?}"
+    );
+    assert!(
+        records[SAMPLES - 20..]
+            .iter()
+            .all(|r| r.answered == Answered::Cloud)
+    );
     assert_eq!(summary.answered, SAMPLES as u64);
     assert_eq!(summary.in_cloud + summary.fallbacks, SAMPLES as u64);
 }
@@ -346,12 +379,16 @@ fn bad_input_lines_get_error_records_and_the_run_goes_on() {
     .unwrap();
     let input = dir.path().join("samples.jsonl");
     let mut file = std::fs::File::create(&input).unwrap();
-    file.write_all(b"{\"text\": \"a gorgeous, witty film\", \"label\": 1}\n").unwrap();
+    file.write_all(b"{\"text\": \"a gorgeous, witty film\", \"label\": 1}\n")
+        .unwrap();
     file.write_all(b"\n").unwrap();
-    file.write_all(b"{\"text\": \"bytes \xff\xfe here\"}\n").unwrap();
-    file.write_all(format!("{{\"text\": \"{}\"}}\n", "long ".repeat(20_000)).as_bytes()).unwrap();
+    file.write_all(b"{\"text\": \"bytes \xff\xfe here\"}\n")
+        .unwrap();
+    file.write_all(format!("{{\"text\": \"{}\"}}\n", "long ".repeat(20_000)).as_bytes())
+        .unwrap();
     file.write_all(b"{\"text\": \"unterminated\n").unwrap();
-    file.write_all(b"{\"id\": \"last\", \"text\": \"dull and lifeless\", \"label\": 0}\n").unwrap();
+    file.write_all(b"{\"id\": \"last\", \"text\": \"dull and lifeless\", \"label\": 0}\n")
+        .unwrap();
     drop(file);
     let output = dir.path().join("out.jsonl");
     let summary = dir.path().join("summary.json");
@@ -381,7 +418,11 @@ fn bad_input_lines_get_error_records_and_the_run_goes_on() {
     assert_eq!(records[0]["answered"], "device");
     assert_eq!(errors[1], "empty line");
     assert!(errors[2].starts_with("not UTF-8"), "{}", errors[2]);
-    assert!(errors[3].contains("exceeds the limit of 65536"), "{}", errors[3]);
+    assert!(
+        errors[3].contains("exceeds the limit of 65536"),
+        "{}",
+        errors[3]
+    );
     assert!(errors[4].starts_with("malformed JSON"), "{}", errors[4]);
     for record in &records[1..5] {
         assert_eq!(record["answered"], "error");
@@ -393,108 +434,4 @@ fn bad_input_lines_get_error_records_and_the_run_goes_on() {
     assert_eq!(summary["errors"], 4);
     assert_eq!(summary["answered"], 2);
     assert_eq!(summary["labelled"], 2);
-}
-
-/// A worker behind the user-space link emulator; the agent's config points at the link.
-async fn worker_behind_link(
-    certs: &GeneratedCerts,
-    link: &str,
-) -> (Worker, simulations::link::LinkHandle) {
-    let worker = start_worker(certs, "127.0.0.1:0").await;
-    let config = simulations::link::LinkConfig::from_toml(link, &repo()).unwrap();
-    let handle = simulations::link::LinkEmulator::start(
-        &config,
-        "127.0.0.1:0".parse().unwrap(),
-        worker.local_addr(),
-    )
-    .unwrap();
-    (worker, handle)
-}
-
-// Known failure (issue #8, open): every sample is answered exactly once and nothing reaches
-// the cloud during the outage, but before it only 93 % (bar: 95 %) of samples were answered
-// by the cloud in the last run: some requests exceed the 500 ms deadline while the worker, the
-// agent and other builds share two cores. Run with --ignored.
-#[ignore = "fails: cloud rate 0.93 before the outage, bar 0.95 (see the comment above)"]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_link_outage_is_bridged_on_the_device_and_offloading_recovers() {
-    const SAMPLES: usize = 700;
-    let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
-    // 5 s without any packet in either direction, from 3 s to 8 s.
-    let link = "[uplink]\nrate = { kind = \"constant\", rate_mbps = 50 }\ndelay_ms = 5\n\
-                [downlink]\nrate = { kind = \"constant\", rate_mbps = 50 }\ndelay_ms = 5\n\
-                [[outages]]\nat_s = 3\nduration_s = 5\n";
-    let (worker, link) = worker_behind_link(&certs, link).await;
-    let mut config = agent_config(
-        Some((&certs, link.local_addr())),
-        "[arms]\nsplits = [2]\nthresholds = [1.0]\n[policy]\nkind = \"fixed\"\narm = 0\n",
-    );
-    config.cloud.as_mut().unwrap().request_timeout_ms = 500;
-    let mut agent = Agent::start(&config, device(), Arc::new(Metrics::new()), true)
-        .await
-        .unwrap();
-    let start = link.started_at();
-    let mut answered_at = Vec::new();
-    let (records, summary) = run_paced(
-        &mut agent,
-        sentences(SAMPLES),
-        Some(std::time::Duration::from_millis(16)),
-        |_, _| answered_at.push(start.elapsed().as_secs_f64()),
-    )
-    .await;
-    agent.shutdown().await.unwrap();
-    link.shutdown().await;
-    worker.shutdown().await.unwrap();
-
-    assert_each_answered_once(&records, SAMPLES);
-    let cloud_rate = |from: f64, to: f64| {
-        let window: Vec<&SampleRecord> = records
-            .iter()
-            .zip(&answered_at)
-            .filter(|(_, t)| (from..to).contains(*t))
-            .map(|(r, _)| r)
-            .collect();
-        assert!(window.len() >= 20, "only {} samples in {from}..{to} s", window.len());
-        window.iter().filter(|r| r.answered == Answered::Cloud).count() as f64 / window.len() as f64
-    };
-    let (before, during, after) = (
-        cloud_rate(0.5, 2.8),
-        cloud_rate(3.6, 7.9),
-        cloud_rate(9.5, 100.0),
-    );
-    assert!(before > 0.95, "before the outage {before}: {summary:?}");
-    assert_eq!(during, 0.0, "{summary:?}");
-    assert!(after > 0.95, "after the outage {after}: {summary:?}");
-    assert_eq!(summary.in_cloud + summary.fallbacks, SAMPLES as u64);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_percent_packet_loss_loses_no_sample() {
-    const SAMPLES: usize = 200;
-    let dir = tempfile::tempdir().unwrap();
-    let certs = certs(dir.path());
-    let link = "seed = 7\n\
-                [uplink]\nrate = { kind = \"constant\", rate_mbps = 20 }\ndelay_ms = 10\n\
-                loss = { kind = \"bernoulli\", p = 0.1 }\n\
-                [downlink]\nrate = { kind = \"constant\", rate_mbps = 20 }\ndelay_ms = 10\n\
-                loss = { kind = \"bernoulli\", p = 0.1 }\n";
-    let (worker, link) = worker_behind_link(&certs, link).await;
-    let config = agent_config(
-        Some((&certs, link.local_addr())),
-        "[arms]\nsplits = [3]\nthresholds = [1.0]\n[policy]\nkind = \"fixed\"\narm = 0\n",
-    );
-    let mut agent = Agent::start(&config, device(), Arc::new(Metrics::new()), true)
-        .await
-        .unwrap();
-    let (records, summary) = run(&mut agent, sentences(SAMPLES), |_, _| {}).await;
-    agent.shutdown().await.unwrap();
-    let stats = link.stats();
-    link.shutdown().await;
-    worker.shutdown().await.unwrap();
-
-    assert_each_answered_once(&records, SAMPLES);
-    assert!(stats.uplink.dropped_loss > 0 && stats.downlink.dropped_loss > 0, "{stats:?}");
-    // QUIC retransmits what the link drops: nearly every sample still gets the cloud's answer.
-    assert!(summary.in_cloud as usize >= SAMPLES * 9 / 10, "{summary:?}");
 }

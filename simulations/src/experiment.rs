@@ -1038,6 +1038,10 @@ pub fn run_experiment(prepared: &Prepared, out: &Path, progress: bool) -> anyhow
                 &arms,
                 &rate,
                 prepared.workload.num_layers(),
+                plots::ArmAxes {
+                    time: "simulated time (s)",
+                    rate: "link capacity (Mbit/s)",
+                },
                 text,
             )?;
         }

@@ -10,7 +10,11 @@
 //!
 //! The simulator core reads no clock and does no I/O; a run is a pure function of its
 //! inputs and seed.
+//!
+//! Live, on real sockets: [`link`] emulates a network link in user space for real QUIC
+//! traffic, and [`demo`] runs a cloud worker, the link and an edge agent together.
 
+pub mod demo;
 pub mod device;
 pub mod error;
 pub mod experiment;

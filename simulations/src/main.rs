@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use simulations::demo::{self, DemoOptions};
 use simulations::experiment::{ExperimentConfig, Prepared, run_experiment};
 use simulations::link::{self, LinkConfig};
 use simulations::matrix::ConfidenceMatrix;
@@ -13,6 +14,7 @@ use simulations::synth::{SynthSpec, generate};
 use simulations::training::{self, TrainConfig, Trainer};
 use splitee_common::dataset::Dataset;
 use splitee_common::{BackendChoice, ModelDir};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -85,6 +87,37 @@ enum Command {
     /// Train the exit heads of a multi-exit model (TOML config, see configs/train-*.toml).
     Train {
         config: PathBuf,
+        #[arg(long, default_value_t = BackendChoice::default())]
+        backend: BackendChoice,
+    },
+    /// The whole system on this machine: a cloud worker, a link emulator on a cellular trace
+    /// and an edge agent whose bandit picks split and threshold, streaming labelled
+    /// sentences; then the always-on-device and always-offload baselines over the same link.
+    /// Prints a comparison table and plots the bandit's arm over time. Ctrl-C stops cleanly.
+    Demo {
+        /// The edge agent's config ([cloud] address and CA are filled in by the demo).
+        #[arg(long, default_value = "configs/demo.toml")]
+        config: PathBuf,
+        /// The emulated link.
+        #[arg(long, default_value = "configs/links/lte.toml")]
+        link: PathBuf,
+        /// Labelled sentences (TSV with `sentence` and `label` columns).
+        #[arg(
+            long,
+            default_value = "simulations/data/sentences/sentence-polarity-test.tsv"
+        )]
+        sentences: PathBuf,
+        /// Sentences per run.
+        #[arg(long, default_value_t = 600)]
+        samples: usize,
+        /// Milliseconds between two arriving sentences.
+        #[arg(long, default_value_t = 40)]
+        interval_ms: u64,
+        /// Skip the two baseline runs.
+        #[arg(long)]
+        no_baselines: bool,
+        #[arg(long, default_value = "results/demo")]
+        out: PathBuf,
         #[arg(long, default_value_t = BackendChoice::default())]
         backend: BackendChoice,
     },
@@ -206,18 +239,66 @@ fn main() -> anyhow::Result<()> {
             );
             println!("{}", report.test.markdown(&[0.6, 0.7, 0.8, 0.9]));
         }
+        Command::Demo {
+            config,
+            link,
+            sentences,
+            samples,
+            interval_ms,
+            no_baselines,
+            out,
+            backend,
+        } => {
+            // Warnings only by default: the progress bars are the demo's output.
+            init_logging("warn");
+            let options = DemoOptions {
+                agent_config: config,
+                link_config: link,
+                sentences,
+                samples,
+                interval: std::time::Duration::from_millis(interval_ms),
+                baselines: !no_baselines,
+                out,
+            };
+            let (device, _, fell_back_because) = backend.device_with_fallback();
+            if let Some(why) = fell_back_because {
+                tracing::warn!("{why}");
+            }
+            let report = tokio::runtime::Runtime::new()?.block_on(async {
+                let stop = CancellationToken::new();
+                let on_ctrl_c = {
+                    let stop = stop.clone();
+                    tokio::spawn(async move {
+                        if tokio::signal::ctrl_c().await.is_ok() {
+                            eprintln!(
+                                "stopping: answering the samples already started, then cleaning up"
+                            );
+                            stop.cancel();
+                        }
+                    })
+                };
+                let report = demo::run_demo(&options, device, &stop).await;
+                on_ctrl_c.abort();
+                report
+            })?;
+            println!("\n{}", report.table);
+            println!(
+                "Latency is measured on this machine; cost is what the bandit was charged (edge\n\
+                 layers as `reward.edge_costs` in {} says, network and cloud time as measured).",
+                options.agent_config.display()
+            );
+            println!(
+                "per-sample records, the table and the plot ({}.png/.svg) are in {}",
+                report.plot_stem.display(),
+                options.out.display()
+            );
+        }
         Command::Link {
             config,
             listen,
             upstream,
         } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .with_writer(std::io::stderr)
-                .init();
+            init_logging("info");
             let config = LinkConfig::load(&config)?;
             // One thread is plenty for a relay; the machine's cores stay with the services.
             tokio::runtime::Builder::new_current_thread()
@@ -227,4 +308,15 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `tracing` to stderr at `default_level`, unless RUST_LOG says otherwise.
+fn init_logging(default_level: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_level.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
 }

@@ -253,6 +253,15 @@ pub fn tradeoff(
     })
 }
 
+/// What the axes of [`arms_over_link`] measure.
+#[derive(Debug, Clone, Copy)]
+pub struct ArmAxes<'a> {
+    /// The x axis, e.g. simulated or wall-clock seconds.
+    pub time: &'a str,
+    /// The line on the right axis, e.g. the trace's capacity or the delivered throughput.
+    pub rate: &'a str,
+}
+
 /// The split each policy chose over time (points, left axis), over the link rate (line,
 /// right axis).
 pub fn arms_over_link(
@@ -261,6 +270,7 @@ pub fn arms_over_link(
     arms: &[(String, Vec<(f64, f64)>)],
     rate: &[(f64, f64)],
     num_layers: usize,
+    axes: ArmAxes<'_>,
     text: bool,
 ) -> anyhow::Result<()> {
     let t1 = rate.last().map_or(1.0, |r| r.0).max(1e-3);
@@ -273,6 +283,7 @@ pub fn arms_over_link(
         rate: &[(f64, f64)],
         num_layers: usize,
         (t1, r1): (f64, f64),
+        axes: ArmAxes<'_>,
         text: bool,
     ) -> anyhow::Result<()> {
         root.fill(&WHITE).map_err(err)?;
@@ -291,14 +302,14 @@ pub fn arms_over_link(
         if text {
             chart
                 .configure_mesh()
-                .x_desc("simulated time (s)")
+                .x_desc(axes.time)
                 .y_desc("split layer s (L = all on device)")
                 .label_style((FONT, 14))
                 .draw()
                 .map_err(err)?;
             chart
                 .configure_secondary_axes()
-                .y_desc("link capacity (Mbit/s)")
+                .y_desc(axes.rate)
                 .label_style((FONT, 14))
                 .draw()
                 .map_err(err)?;
@@ -308,7 +319,7 @@ pub fn arms_over_link(
             .draw_secondary_series(LineSeries::new(rate.iter().copied(), grey.stroke_width(2)))
             .map_err(err)?;
         if text {
-            s.label("link capacity")
+            s.label(axes.rate)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey));
         }
         let n = arms.len().max(1) as f64;
@@ -335,8 +346,8 @@ pub fn arms_over_link(
         Ok(())
     }
     write_both(stem, |png, svg| match (png, svg) {
-        (Some(r), _) => draw(r, title, arms, rate, num_layers, (t1, r1), text),
-        (_, Some(r)) => draw(r, title, arms, rate, num_layers, (t1, r1), text),
+        (Some(r), _) => draw(r, title, arms, rate, num_layers, (t1, r1), axes, text),
+        (_, Some(r)) => draw(r, title, arms, rate, num_layers, (t1, r1), axes, text),
         _ => Ok(()),
     })
 }

@@ -50,7 +50,9 @@ pub fn gpu_device() -> (BackendChoice, Device) {
     println!("wgpu adapter: {adapter}");
     (
         BackendChoice::Wgpu,
-        BackendChoice::Wgpu.device().expect("the adapter was just probed"),
+        BackendChoice::Wgpu
+            .device()
+            .expect("the adapter was just probed"),
     )
 }
 
