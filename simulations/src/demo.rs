@@ -207,25 +207,28 @@ pub async fn run_over_link(
             }
         })
     };
+    // Uplink throughput per half second, on the records' clock (seconds since the link
+    // started), each value at the middle of the interval it covers.
     let sampler = {
         let link = Arc::clone(&link);
         let feeding = feeding.clone();
         tokio::spawn(async move {
-            const EVERY: Duration = Duration::from_millis(500);
-            let mut ticks = tokio::time::interval(EVERY);
-            let (start, mut before, mut series) = (Instant::now(), link.stats(), Vec::new());
+            let mut ticks = tokio::time::interval(Duration::from_millis(500));
+            ticks.tick().await; // the first tick is immediate
+            let origin = link.started_at();
+            let (mut before, mut before_at, mut series) =
+                (link.stats(), Instant::now(), Vec::new());
             loop {
                 tokio::select! {
                     () = feeding.cancelled() => return series,
                     _ = ticks.tick() => {}
                 }
-                let now = link.stats();
+                let (now, now_at) = (link.stats(), Instant::now());
                 let bytes = now.uplink.since(&before.uplink).delivered_bytes;
-                series.push((
-                    start.elapsed().as_secs_f64(),
-                    bytes as f64 * 8e-6 / EVERY.as_secs_f64(),
-                ));
-                before = now;
+                let seconds = (now_at - before_at).as_secs_f64();
+                let middle = (before_at - origin).as_secs_f64() + seconds / 2.0;
+                series.push((middle, bytes as f64 * 8e-6 / seconds));
+                (before, before_at) = (now, now_at);
             }
         })
     };
@@ -241,11 +244,7 @@ pub async fn run_over_link(
         .await;
     feeding.cancel();
     feeder.await?;
-    let mut uplink_mbps = sampler.await?;
-    // The first sample covers the half second before it; plot it at its start.
-    uplink_mbps
-        .iter_mut()
-        .for_each(|(t, _)| *t = (*t - 0.25).max(0.0));
+    let uplink_mbps = sampler.await?;
     agent.shutdown().await?;
     Arc::into_inner(link)
         .expect("the sampler, the only other owner, has ended")
