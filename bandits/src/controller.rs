@@ -1,11 +1,14 @@
 use serde::{Deserialize, Serialize};
 
 use crate::arms::{Arm, ArmIndex, ArmSpace};
-use crate::decision::{DecisionRule, SampleDecision};
+use crate::decision::{Decision, DecisionRule, SampleDecision};
 use crate::error::BanditError;
+use crate::measure::ExitsConfig;
 use crate::observation::Observation;
+use crate::pass::DevicePass;
 use crate::policy::{AnyPolicy, Policy, PolicyConfig};
 use crate::reward::{RewardModel, RewardRange};
+use crate::settle::{self, Reported, SampleReport, Settlement};
 
 /// Everything the edge agent and the simulator need, in one serializable value: the arm
 /// space, the per-sample rule, the reward and the learning policy.
@@ -86,21 +89,95 @@ impl Controller {
         SampleDecision::new(arm, self.rule, self.space.num_layers())
     }
 
+    /// A device pass for this controller's rule over a model with exit heads after
+    /// `exit_layers`.
+    pub fn device_pass(
+        &self,
+        exit_layers: &[usize],
+        exits: ExitsConfig,
+        evaluate_all_heads: bool,
+    ) -> Result<DevicePass, BanditError> {
+        DevicePass::new(
+            self.space.num_layers(),
+            exit_layers,
+            self.rule,
+            exits,
+            evaluate_all_heads,
+        )
+    }
+
+    /// Prices the sample a driver reports, learns from it, and returns its price and reward
+    /// (see [`crate::settle`]). Nothing is learnt when it cannot be priced.
+    pub fn settle(&mut self, report: &SampleReport<'_>) -> Result<Settlement, BanditError> {
+        let (settlement, obs) = self.priced(report)?;
+        let side_information = !matches!(report.outcome, Reported::Failed(_));
+        self.update(report.arm, &obs, settlement.reward, side_information)?;
+        Ok(settlement)
+    }
+
+    /// What [`settle`](Self::settle) would charge and reward, without learning.
+    pub fn price(&self, report: &SampleReport<'_>) -> Result<Settlement, BanditError> {
+        self.priced(report).map(|(settlement, _)| settlement)
+    }
+
+    fn priced<'a>(
+        &self,
+        report: &SampleReport<'a>,
+    ) -> Result<(Settlement, Observation<'a>), BanditError> {
+        self.arm(report.arm)?;
+        let num_layers = self.space.num_layers();
+        let obs = settle::observation(report, &self.reward.cost)?;
+        let reward = self.reward.reward(num_layers, &obs)?;
+        let edge_cost = self
+            .reward
+            .cost
+            .edge_cost(report.outcome.device_layers(), &obs)?;
+        let offload_cost = match obs.outcome.decision() {
+            Decision::Exit { .. } => 0.0,
+            Decision::Offload { after } => self.reward.cost.offload_cost(after, &obs)?,
+        };
+        Ok((
+            Settlement {
+                reward,
+                edge_cost,
+                offload_cost,
+            },
+            obs,
+        ))
+    }
+
+    fn arm(&self, index: ArmIndex) -> Result<Arm, BanditError> {
+        self.space.get(index).ok_or(BanditError::ArmOutOfRange {
+            arm: index.0,
+            num_arms: self.space.len(),
+        })
+    }
+
     /// Learns from one sample played with `played`; returns its reward.
     ///
     /// With a side-information policy (SplitEE-S) every arm with a strictly shallower split
     /// whose reward is computable from `obs` alone (see
     /// [`RewardModel::counterfactual`]) is updated too. Nothing is updated when the played
-    /// reward cannot be computed.
+    /// reward cannot be computed. Drivers call [`settle`](Self::settle), which builds the
+    /// observation from what they report.
     pub fn learn(&mut self, played: ArmIndex, obs: &Observation<'_>) -> Result<f64, BanditError> {
-        let arm = self.space.get(played).ok_or(BanditError::ArmOutOfRange {
-            arm: played.0,
-            num_arms: self.space.len(),
-        })?;
+        self.arm(played)?;
+        let reward = self.reward.reward(self.space.num_layers(), obs)?;
+        self.update(played, obs, reward, true)?;
+        Ok(reward)
+    }
+
+    fn update(
+        &mut self,
+        played: ArmIndex,
+        obs: &Observation<'_>,
+        reward: f64,
+        side_information: bool,
+    ) -> Result<(), BanditError> {
+        let arm = self.arm(played)?;
         let num_layers = self.space.num_layers();
-        let reward = self.reward.reward(num_layers, obs)?;
         self.policy.update(played, reward)?;
-        if self.policy.uses_side_information() {
+        if side_information && self.policy.uses_side_information() {
             for (index, other) in self.space.iter() {
                 if other.split >= arm.split {
                     continue;
@@ -113,7 +190,7 @@ impl Controller {
                 }
             }
         }
-        Ok(reward)
+        Ok(())
     }
 
     pub fn space(&self) -> &ArmSpace {

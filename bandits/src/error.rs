@@ -52,6 +52,10 @@ pub enum BanditError {
     MissingEdgeCost { layer: usize },
     #[error("the observation lacks the measured offload cost")]
     MissingOffloadCost,
+    #[error("the observation lacks the token count that a device profile is scaled by")]
+    MissingTokens,
+    #[error("{0}")]
+    InvalidConfig(String),
     #[error("the observation lacks the predicted classes of layers 1 and {layer}")]
     MissingPredictions { layer: usize },
     #[error("layer {layer} is outside 1..={num_layers}")]

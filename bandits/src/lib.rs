@@ -122,18 +122,24 @@ mod config;
 mod controller;
 mod decision;
 mod error;
+mod measure;
 mod observation;
+mod pass;
 pub mod policy;
 mod reward;
+pub mod settle;
 
 pub use arms::{Arm, ArmIndex, ArmSpace};
-pub use config::{ArmsConfig, Splits};
+pub use config::{ArmsConfig, DeviceProfile, EdgeCosts, RewardConfig, Splits};
 pub use controller::Controller;
 pub use decision::{Decision, DecisionRule, ExitCheck, Fallback, SampleDecision, Step, decide};
 pub use error::BanditError;
+pub use measure::{Confidence, ConfidenceMeasure, ExitsConfig, argmax, max_prob};
 pub use observation::{NOT_EVALUATED, Observation, Outcome};
+pub use pass::{DevicePass, NOT_PREDICTED};
 pub use policy::{
     AnyPolicy, DiscountedUcb, EpsilonGreedy, FixedArm, GaussianThompson, KlUcb, Oracle, Policy,
     PolicyConfig, SlidingWindowUcb, Ucb1, UniformRandom,
 };
 pub use reward::{CostModel, EdgeCost, OffloadCost, RewardKind, RewardModel, RewardRange};
+pub use settle::{CloudAnswered, OffloadFailed, Reported, SampleLog, SampleReport, Settlement};

@@ -34,7 +34,15 @@ impl Outcome {
 /// * `edge_costs[j - 1]` is the measured cumulative device cost of layers `1..=j` (only for
 ///   [`EdgeCost::Measured`](crate::EdgeCost::Measured)).
 /// * `offload_cost` is the measured cost of the offload (only for
-///   [`OffloadCost::Measured`](crate::OffloadCost::Measured)).
+///   [`OffloadCost::Measured`](crate::OffloadCost::Measured)), priced for the played split.
+/// * `cloud_layer_cost` is what one more cloud layer adds to it: side information prices a
+///   shallower split's offload with it (0 when unknown or not measured).
+/// * `tokens` is the sample's token count (only for
+///   [`EdgeCost::Profile`](crate::EdgeCost::Profile), which scales with it).
+///
+/// For an offload, `final_confidence` is the confidence of the answer the sample got: the
+/// cloud's last exit (`C_L`, or an earlier cloud exit when the request allowed one), or the
+/// device's when the offload failed and the device finished the sample.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Observation<'a> {
     pub confidences: &'a [f64],
@@ -42,6 +50,8 @@ pub struct Observation<'a> {
     pub outcome: Outcome,
     pub edge_costs: &'a [f64],
     pub offload_cost: Option<f64>,
+    pub cloud_layer_cost: f64,
+    pub tokens: Option<usize>,
 }
 
 /// Marks an exit head that the device did not evaluate.
@@ -56,6 +66,8 @@ impl<'a> Observation<'a> {
             outcome: Outcome::Exited { layer },
             edge_costs: &[],
             offload_cost: None,
+            cloud_layer_cost: 0.0,
+            tokens: None,
         }
     }
 
@@ -70,6 +82,8 @@ impl<'a> Observation<'a> {
             },
             edge_costs: &[],
             offload_cost: None,
+            cloud_layer_cost: 0.0,
+            tokens: None,
         }
     }
 
@@ -85,6 +99,16 @@ impl<'a> Observation<'a> {
 
     pub fn with_offload_cost(mut self, cost: f64) -> Self {
         self.offload_cost = Some(cost);
+        self
+    }
+
+    pub fn with_cloud_layer_cost(mut self, cost: f64) -> Self {
+        self.cloud_layer_cost = cost;
+        self
+    }
+
+    pub fn with_tokens(mut self, tokens: usize) -> Self {
+        self.tokens = Some(tokens);
         self
     }
 
@@ -113,6 +137,7 @@ impl<'a> Observation<'a> {
             .checked_sub(1)
             .and_then(|i| self.predictions.get(i))
             .copied()
+            .filter(|&p| p != crate::NOT_PREDICTED)
     }
 
     pub fn edge_cost(&self, layer: usize) -> Option<f64> {

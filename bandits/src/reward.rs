@@ -3,7 +3,7 @@ use serde::{Deserialize, Serialize};
 use crate::arms::Arm;
 use crate::decision::{Decision, DecisionRule, decide};
 use crate::error::BanditError;
-use crate::observation::Observation;
+use crate::observation::{Observation, Outcome};
 
 /// Device cost `cost_edge(i)` of running layers `1..=i`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -11,23 +11,32 @@ use crate::observation::Observation;
 pub enum EdgeCost {
     /// Abstract units as in the papers: `cost_edge(i) = i`.
     Layers,
-    /// A profiled cumulative table, `profile[i - 1] = cost_edge(i)` (e.g. milliseconds).
-    Profile(Vec<f64>),
+    /// Abstract units per layer, cumulative: `cost_edge(i) = units[i − 1]` (a cost setting of
+    /// UEE-UCB's kind, where exits cost other than their depth).
+    Units(Vec<f64>),
+    /// A device profile: `cost_edge(i) = cumulative[i − 1] · n / ref_tokens` for a sample of
+    /// `n` tokens ([`Observation::tokens`]), where `cumulative[i − 1]` is the profile's cost of
+    /// embedding and layers `1..=i` at `ref_tokens` tokens (e.g. milliseconds). Linear in the
+    /// token count: a documented approximation (attention is quadratic, but small at sentence
+    /// lengths).
+    Profile {
+        cumulative: Vec<f64>,
+        ref_tokens: f64,
+    },
     /// Measured per sample and carried by [`Observation::edge_costs`].
     Measured,
 }
 
 /// Cost `cost_offload` of sending a sample to the cloud.
-///
-/// The same value is used for every split layer: BERT's hidden state has the same shape after
-/// every layer, so the payload does not depend on where the model is split.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OffloadCost {
-    /// The papers' constant `o`, or a fixed price.
+    /// The papers' constant `o`, or a fixed price. A failed offload is charged `o` plus the
+    /// device's extra layers: the settlement puts that into [`Observation::offload_cost`],
+    /// which, when present, overrides `o`.
     Constant(f64),
-    /// Measured per sample (e.g. round-trip milliseconds, bytes × price) and carried by
-    /// [`Observation::offload_cost`].
+    /// Measured per sample (the round trip the device waited, plus bytes × [`CostModel::per_kb`])
+    /// and carried by [`Observation::offload_cost`].
     Measured,
 }
 
@@ -37,6 +46,10 @@ pub struct CostModel {
     pub lambda: f64,
     pub edge: EdgeCost,
     pub offload: OffloadCost,
+    /// Cost per KiB sent, in the measured offload cost's units (radio energy, metered data);
+    /// only with [`OffloadCost::Measured`].
+    #[serde(default)]
+    pub per_kb: f64,
 }
 
 impl CostModel {
@@ -46,6 +59,7 @@ impl CostModel {
             lambda,
             edge: EdgeCost::Layers,
             offload: OffloadCost::Constant(offload),
+            per_kb: 0.0,
         };
         model.check_scalars()?;
         Ok(model)
@@ -57,6 +71,7 @@ impl CostModel {
             lambda,
             edge: EdgeCost::Measured,
             offload: OffloadCost::Measured,
+            per_kb: 0.0,
         };
         model.check_scalars()?;
         Ok(model)
@@ -69,34 +84,74 @@ impl CostModel {
         if let OffloadCost::Constant(o) = self.offload {
             check_cost("offload", o)?;
         }
+        check_cost("per KB", self.per_kb)?;
         Ok(())
     }
 
     pub fn validate(&self, num_layers: usize) -> Result<(), BanditError> {
         self.check_scalars()?;
-        if let EdgeCost::Profile(profile) = &self.edge {
-            if profile.len() != num_layers {
+        if let EdgeCost::Units(units) = &self.edge {
+            if units.len() != num_layers {
                 return Err(BanditError::CostProfileLength {
-                    got: profile.len(),
+                    got: units.len(),
                     num_layers,
                 });
             }
-            for &c in profile {
+            for &c in units {
+                check_cost("edge units", c)?;
+            }
+        }
+        if let EdgeCost::Profile {
+            cumulative,
+            ref_tokens,
+        } = &self.edge
+        {
+            if cumulative.len() != num_layers {
+                return Err(BanditError::CostProfileLength {
+                    got: cumulative.len(),
+                    num_layers,
+                });
+            }
+            for &c in cumulative {
                 check_cost("edge profile", c)?;
+            }
+            if !(ref_tokens.is_finite() && *ref_tokens > 0.0) {
+                return Err(BanditError::InvalidCost {
+                    what: "profile ref_tokens",
+                    value: *ref_tokens,
+                });
             }
         }
         Ok(())
+    }
+
+    /// The profile's cost of layers `1..=layer` (0: the embedding alone is not priced) for
+    /// the observation's token count.
+    fn profile_cost(&self, layer: usize, obs: &Observation<'_>) -> Result<f64, BanditError> {
+        let EdgeCost::Profile {
+            cumulative,
+            ref_tokens,
+        } = &self.edge
+        else {
+            unreachable!("only called for profiles")
+        };
+        if layer == 0 {
+            return Ok(0.0);
+        }
+        let at_ref = cumulative
+            .get(layer - 1)
+            .copied()
+            .ok_or(BanditError::MissingEdgeCost { layer })?;
+        let tokens = obs.tokens.ok_or(BanditError::MissingTokens)?;
+        Ok(at_ref * tokens as f64 / ref_tokens)
     }
 
     /// `cost_edge(layer)`, from the model or from the observation.
     pub fn edge_cost(&self, layer: usize, obs: &Observation<'_>) -> Result<f64, BanditError> {
         match &self.edge {
             EdgeCost::Layers => Ok(layer as f64),
-            EdgeCost::Profile(profile) => layer
-                .checked_sub(1)
-                .and_then(|i| profile.get(i))
-                .copied()
-                .ok_or(BanditError::MissingEdgeCost { layer }),
+            EdgeCost::Units(units) => units_at(units, layer),
+            EdgeCost::Profile { .. } => self.profile_cost(layer, obs),
             EdgeCost::Measured => {
                 let c = obs
                     .edge_cost(layer)
@@ -117,18 +172,13 @@ impl CostModel {
         from: usize,
         to: usize,
         measured: f64,
+        obs: &Observation<'_>,
     ) -> Result<f64, BanditError> {
         match &self.edge {
             EdgeCost::Layers => Ok(to.saturating_sub(from) as f64),
-            EdgeCost::Profile(profile) => {
-                let cumulative = |layer: usize| match layer {
-                    0 => Ok(0.0),
-                    layer => profile
-                        .get(layer - 1)
-                        .copied()
-                        .ok_or(BanditError::MissingEdgeCost { layer }),
-                };
-                Ok((cumulative(to)? - cumulative(from)?).max(0.0))
+            EdgeCost::Units(units) => Ok((units_at(units, to)? - units_at(units, from)?).max(0.0)),
+            EdgeCost::Profile { .. } => {
+                Ok((self.profile_cost(to, obs)? - self.profile_cost(from, obs)?).max(0.0))
             }
             EdgeCost::Measured => {
                 check_cost("measured device finish", measured)?;
@@ -137,13 +187,22 @@ impl CostModel {
         }
     }
 
-    pub fn offload_cost(&self, obs: &Observation<'_>) -> Result<f64, BanditError> {
+    /// `cost_offload` of an offload after layer `after`. A measured cost was observed for the
+    /// played split; a shallower split leaves more layers to the cloud, each costing
+    /// [`Observation::cloud_layer_cost`] more (the cloud's layers are identical), which is
+    /// how side information prices the offload of an arm that was not played.
+    pub fn offload_cost(&self, after: usize, obs: &Observation<'_>) -> Result<f64, BanditError> {
         match self.offload {
-            OffloadCost::Constant(o) => Ok(o),
+            OffloadCost::Constant(o) => Ok(obs.offload_cost.unwrap_or(o)),
             OffloadCost::Measured => {
                 let c = obs.offload_cost.ok_or(BanditError::MissingOffloadCost)?;
                 check_cost("measured offload", c)?;
-                Ok(c)
+                let played = match obs.outcome {
+                    Outcome::Offloaded { after, .. } => after,
+                    Outcome::Exited { .. } => return Err(BanditError::MissingOffloadCost),
+                };
+                let extra_layers = played.saturating_sub(after) as f64;
+                Ok(c + extra_layers * obs.cloud_layer_cost)
             }
         }
     }
@@ -152,9 +211,20 @@ impl CostModel {
     fn max_edge(&self, num_layers: usize) -> Option<f64> {
         match &self.edge {
             EdgeCost::Layers => Some(num_layers as f64),
-            EdgeCost::Profile(p) => Some(p.iter().copied().fold(0.0, f64::max)),
-            EdgeCost::Measured => None,
+            EdgeCost::Units(units) => Some(units.iter().copied().fold(0.0, f64::max)),
+            EdgeCost::Profile { .. } | EdgeCost::Measured => None,
         }
+    }
+}
+
+/// `units[layer − 1]`, 0 for no layers.
+fn units_at(units: &[f64], layer: usize) -> Result<f64, BanditError> {
+    match layer {
+        0 => Ok(0.0),
+        layer => units
+            .get(layer - 1)
+            .copied()
+            .ok_or(BanditError::MissingEdgeCost { layer }),
     }
 }
 
@@ -233,13 +303,14 @@ impl RewardModel {
             (RewardKind::SplitEe, Decision::Offload { after }) => {
                 let c_final = final_confidence(obs, num_layers)?;
                 c_final
-                    - lambda * (self.cost.edge_cost(after, obs)? + self.cost.offload_cost(obs)?)
+                    - lambda
+                        * (self.cost.edge_cost(after, obs)? + self.cost.offload_cost(after, obs)?)
             }
             (RewardKind::AdaEe, Decision::Exit { .. }) => 0.0,
             (RewardKind::AdaEe, Decision::Offload { after }) => {
                 let c_branch = confidence(obs, after, num_layers)?;
                 let c_final = final_confidence(obs, num_layers)?;
-                (c_final - c_branch).max(0.0) - lambda * self.cost.offload_cost(obs)?
+                (c_final - c_branch).max(0.0) - lambda * self.cost.offload_cost(after, obs)?
             }
             (RewardKind::UeeProxy, Decision::Exit { layer }) => {
                 check_layer(layer, num_layers)?;
@@ -386,24 +457,40 @@ mod tests {
     fn a_failed_offloads_device_finish_is_priced_like_the_edge_layers() {
         let profiled = CostModel {
             lambda: 0.01,
-            edge: EdgeCost::Profile(vec![10.0, 25.0, 45.0, 70.0]),
+            edge: EdgeCost::Profile {
+                cumulative: vec![10.0, 25.0, 45.0, 70.0],
+                ref_tokens: 16.0,
+            },
             offload: OffloadCost::Measured,
+            per_kb: 0.0,
         };
+        let at_ref = Observation::offloaded(&[0.5], 1, 0.9).with_tokens(16);
         // Layers 2..=4 after a split at 1: the profile says 70 − 10, whatever the clock said.
-        assert_eq!(profiled.device_finish_cost(1, 4, 3.0), Ok(60.0));
-        assert_eq!(profiled.device_finish_cost(4, 4, 0.0), Ok(0.0));
+        assert_eq!(profiled.device_finish_cost(1, 4, 3.0, &at_ref), Ok(60.0));
+        assert_eq!(profiled.device_finish_cost(4, 4, 0.0, &at_ref), Ok(0.0));
+        // Twice the tokens, twice the price.
+        let long = at_ref.with_tokens(32);
+        assert_eq!(profiled.device_finish_cost(1, 4, 3.0, &long), Ok(120.0));
         assert_eq!(
-            profiled.device_finish_cost(1, 5, 3.0),
+            profiled.device_finish_cost(1, 5, 3.0, &at_ref),
             Err(BanditError::MissingEdgeCost { layer: 5 })
+        );
+        assert_eq!(
+            profiled.device_finish_cost(1, 4, 3.0, &Observation::offloaded(&[0.5], 1, 0.9)),
+            Err(BanditError::MissingTokens)
         );
         let measured = CostModel {
             edge: EdgeCost::Measured,
             ..profiled.clone()
         };
-        assert_eq!(measured.device_finish_cost(1, 4, 3.0), Ok(3.0));
-        assert!(measured.device_finish_cost(1, 4, f64::NAN).is_err());
+        assert_eq!(measured.device_finish_cost(1, 4, 3.0, &at_ref), Ok(3.0));
+        assert!(
+            measured
+                .device_finish_cost(1, 4, f64::NAN, &at_ref)
+                .is_err()
+        );
         let units = CostModel::abstract_units(0.1, 2.0).unwrap();
-        assert_eq!(units.device_finish_cost(1, 4, 3.0), Ok(3.0));
+        assert_eq!(units.device_finish_cost(1, 4, 3.0, &at_ref), Ok(3.0));
     }
 
     fn splitee(lambda: f64, o: f64) -> RewardModel {
@@ -470,13 +557,24 @@ mod tests {
         assert!(close(m.reward(L, &obs).unwrap(), 0.9 - 0.27));
         let profile = CostModel {
             lambda: 0.01,
-            edge: EdgeCost::Profile(vec![3.0, 7.0, 9.0, 12.0]),
+            edge: EdgeCost::Profile {
+                cumulative: vec![3.0, 7.0, 9.0, 12.0],
+                ref_tokens: 10.0,
+            },
             offload: OffloadCost::Constant(20.0),
+            per_kb: 0.0,
         };
         let m = RewardModel::new(RewardKind::SplitEe, profile);
         assert!(close(
-            m.reward(L, &Observation::offloaded(&c, 2, 0.9)).unwrap(),
+            m.reward(L, &Observation::offloaded(&c, 2, 0.9).with_tokens(10))
+                .unwrap(),
             0.63
+        ));
+        // 20 tokens: the profile's 7 ms become 14.
+        assert!(close(
+            m.reward(L, &Observation::offloaded(&c, 2, 0.9).with_tokens(20))
+                .unwrap(),
+            0.9 - 0.01 * (14.0 + 20.0)
         ));
     }
 

@@ -96,8 +96,12 @@ fn bad_costs() {
     );
     let profile = CostModel {
         lambda: 0.1,
-        edge: EdgeCost::Profile(vec![1.0, 2.0]),
+        edge: EdgeCost::Profile {
+            cumulative: vec![1.0, 2.0],
+            ref_tokens: 32.0,
+        },
         offload: OffloadCost::Constant(1.0),
+        per_kb: 0.0,
     };
     assert_eq!(
         profile.validate(12),
@@ -107,12 +111,29 @@ fn bad_costs() {
         })
     );
     let negative = CostModel {
-        edge: EdgeCost::Profile(vec![1.0, -2.0]),
-        ..profile
+        edge: EdgeCost::Profile {
+            cumulative: vec![1.0, -2.0],
+            ref_tokens: 32.0,
+        },
+        ..profile.clone()
     };
     assert!(matches!(
         negative.validate(2),
         Err(BanditError::InvalidCost { .. })
+    ));
+    let no_ref = CostModel {
+        edge: EdgeCost::Profile {
+            cumulative: vec![1.0, 2.0],
+            ref_tokens: 0.0,
+        },
+        ..profile
+    };
+    assert!(matches!(
+        no_ref.validate(2),
+        Err(BanditError::InvalidCost {
+            what: "profile ref_tokens",
+            ..
+        })
     ));
 }
 

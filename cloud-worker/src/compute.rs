@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use burn::prelude::*;
-use splitee_common::protocol::{Answer, ErrorCode, ProtocolError};
+use splitee_common::protocol::{Answer, ErrorCode, ProtocolError, ReplyOptions};
 use splitee_common::{Hidden, MultiExitBert, PaddingMask};
 use tokio::sync::oneshot;
 
@@ -34,8 +34,8 @@ pub struct Job {
     pub seq_len: usize,
     /// `[seq_len, hidden]`, row-major.
     pub states: Vec<f32>,
-    /// Early-exit threshold for cloud-side exits, already checked to lie in `[0, 1]`.
-    pub cloud_exit_threshold: Option<f32>,
+    /// Cloud-side early exits, the threshold already checked to lie in `[0, 1]`.
+    pub options: ReplyOptions,
     /// When the request finished arriving: queueing time counts from here.
     pub received: Instant,
     pub reply: oneshot::Sender<Result<Answer, ProtocolError>>,
@@ -248,7 +248,7 @@ impl Compute {
         for exit in exits {
             if active
                 .iter()
-                .all(|&j| jobs[j].cloud_exit_threshold.is_none())
+                .all(|&j| jobs[j].options.cloud_exit_threshold.is_none())
             {
                 break;
             }
@@ -259,10 +259,7 @@ impl Compute {
             let mut keep = Vec::with_capacity(active.len());
             for (row, &j) in active.iter().enumerate() {
                 let p = &probs[row * labels..(row + 1) * labels];
-                let confident = jobs[j]
-                    .cloud_exit_threshold
-                    .is_some_and(|t| p.iter().copied().fold(f32::NEG_INFINITY, f32::max) >= t);
-                if confident {
+                if jobs[j].options.exits_at(p) {
                     outcomes[j] = Some(Outcome {
                         probs: p.to_vec(),
                         exit_layer: exit,

@@ -17,7 +17,7 @@ use burn::prelude::Device;
 use quinn::{Endpoint, Incoming, ReadExactError, RecvStream, SendStream};
 use splitee_common::LoadedModel;
 use splitee_common::protocol::{
-    ErrorCode, FrameKind, HEADER_LEN, Limits, ProtocolError, Response, decode_header,
+    ErrorCode, FrameKind, HEADER_LEN, Limits, ProtocolError, ReplyOptions, Response, decode_header,
     decode_request_body, encode_response,
 };
 use splitee_common::{http, transport};
@@ -449,10 +449,12 @@ async fn admitted(recv: &mut RecvStream, shared: &Shared, body_len: usize) -> Op
         split_layer: usize::from(request.split_layer),
         seq_len: request.seq_len as usize,
         states,
-        cloud_exit_threshold: request
-            .options
-            .cloud_exit_threshold
-            .filter(|_| shared.cloud_exits),
+        options: ReplyOptions {
+            cloud_exit_threshold: request
+                .options
+                .cloud_exit_threshold
+                .filter(|_| shared.cloud_exits),
+        },
         received,
         reply,
     };

@@ -97,6 +97,15 @@ pub struct ReplyOptions {
     pub cloud_exit_threshold: Option<f32>,
 }
 
+impl ReplyOptions {
+    /// Whether the cloud answers at an exit (before the last layer) with these class
+    /// probabilities: the worker's test, and the simulator's replay of it.
+    pub fn exits_at(&self, probs: &[f32]) -> bool {
+        self.cloud_exit_threshold
+            .is_some_and(|t| probs.iter().copied().fold(f32::NEG_INFINITY, f32::max) >= t)
+    }
+}
+
 /// Hidden states after layer `split_layer` of one sample, for the cloud to finish.
 #[derive(Debug, Clone, PartialEq, Encode, Decode)]
 pub struct OffloadRequest {

@@ -21,12 +21,11 @@
 //!
 //! # What the bandit is charged
 //!
-//! Edge cost: measured milliseconds up to each layer (or the `[device]` profile's). Offload
-//! cost: the round trip the device waited (network + the worker's queue and compute), plus
-//! `ms_per_kb` per kilobyte sent. A failed offload costs the time until the failure was known
-//! plus the device's extra layers (priced like the layers before the split: measured, or from
-//! the `[device]` profile); its "final confidence" is the device's deepest exit's
-//! top probability, which is `C_L` when the device holds the whole model.
+//! Nothing here: the agent reports what it measured (the exits its pass evaluated, the device
+//! clock, the offload's round trip, the worker's compute time, bytes sent, or the failure and
+//! the device's finish) and `splitee_bandits`' settlement prices it and computes the reward —
+//! the same code the simulator calls. Each record carries that report (`observed`) and the
+//! order the bandit learnt it in (`learned`), so a run can be replayed through the settlement.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -35,8 +34,8 @@ use std::time::Instant;
 use anyhow::Context;
 use burn::prelude::Device;
 use splitee_bandits::{
-    Arm, ArmIndex, Controller, CostModel, Decision, EdgeCost, NOT_EVALUATED, Observation,
-    OffloadCost, RewardModel, RewardRange,
+    Arm, ArmIndex, CloudAnswered, Controller, Decision, OffloadFailed, Reported, SampleLog,
+    SampleReport, Settlement, max_prob,
 };
 use splitee_common::protocol::{OffloadRequest, PayloadEncoding, ReplyOptions, encode_hidden};
 use splitee_common::{Fingerprint, ModelDir};
@@ -45,8 +44,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::cloud::{CloudAnswer, CloudLink, OffloadFailure};
-use crate::config::{AgentConfig, EdgeCosts};
-use crate::edge::{EdgeModel, EdgePass, EdgeRuntime, ExitReading, argmax, max_prob};
+use crate::config::AgentConfig;
+use crate::edge::{EdgeModel, EdgePass, EdgeRuntime, ExitReading};
 use crate::input::InputRecord;
 use crate::metrics::Metrics;
 use crate::report::{Answered, ArmRecord, Latency, SampleRecord, Summary, Tally};
@@ -82,7 +81,6 @@ pub struct Agent {
     hidden_size: usize,
     encoding: PayloadEncoding,
     cloud_exit_threshold: Option<f32>,
-    ms_per_kb: f64,
     window: usize,
     next_request_id: u64,
     metrics: Arc<Metrics>,
@@ -121,40 +119,21 @@ impl Agent {
              no [cloud]: add one, or set arms.fallback = \"exit-at-split\""
         );
 
-        let edge_cost = match config.reward.edge_costs {
-            EdgeCosts::Measured => EdgeCost::Measured,
-            EdgeCosts::Profile => {
-                let profile = config.device.as_ref().expect("validated with the config");
-                anyhow::ensure!(
-                    profile.layer_ms.len() == num_layers,
-                    "[device] layer_ms has {} entries but the model has {num_layers} layers",
-                    profile.layer_ms.len()
-                );
-                let cumulative = profile
-                    .layer_ms
-                    .iter()
-                    .scan(profile.embed_ms, |total, ms| {
-                        *total += ms;
-                        Some(*total)
-                    })
-                    .collect();
-                EdgeCost::Profile(cumulative)
-            }
-        };
-        let lambda = config.reward.lambda;
-        let cost = CostModel {
-            lambda,
-            edge: edge_cost,
-            offload: OffloadCost::Measured,
-        };
-        let range = RewardRange::new(-lambda * config.reward.cost_scale_ms, 1.0)?;
-        let fresh = Controller::new(
-            space,
-            rule,
-            RewardModel::new(config.reward.kind, cost),
-            &config.policy,
-            Some(range),
-        )?;
+        if let Some(device) = &config.device {
+            device.validate(num_layers).context("in [device]")?;
+        }
+        let (reward, range) = config
+            .reward
+            .build(num_layers, config.device.as_ref())
+            .context("in [reward]")?;
+        let fresh = Controller::new(space, rule, reward, &config.policy, Some(range))?;
+        let pass = fresh
+            .device_pass(
+                &dir.exits.layers,
+                config.exits,
+                config.arms.evaluate_all_heads,
+            )
+            .context("in [exits]")?;
 
         let loaded = dir
             .load_prefix(&device, edge_layers)
@@ -186,11 +165,7 @@ impl Agent {
             model: loaded.model,
             tokenizer: loaded.tokenizer,
             device,
-            rule,
-            num_layers,
-            measure: config.exits.measure,
-            patience: config.exits.patience,
-            evaluate_all_heads: config.arms.evaluate_all_heads,
+            pass,
         })?;
         let cloud = match &config.cloud {
             Some(cloud) => {
@@ -216,7 +191,6 @@ impl Agent {
                 .as_ref()
                 .map_or(PayloadEncoding::F16, |c| c.encoding),
             cloud_exit_threshold: config.cloud.as_ref().and_then(|c| c.cloud_exit_threshold),
-            ms_per_kb: config.reward.ms_per_kb,
             window: config.pipeline.window,
             next_request_id: 0,
             metrics,
@@ -353,10 +327,10 @@ impl Agent {
                     edge: pass.edge_ms(),
                     ..Latency::default()
                 };
-                let (confidences, edge_costs) = observed(&pass);
-                let obs = Observation::exited(&confidences, layer).with_edge_costs(&edge_costs);
-                let reward = self.learn(index, &obs);
-                let cost = self.edge_cost(&obs, layer);
+                let report = pass
+                    .pass
+                    .report(index, pass.tokens, Reported::Exited { layer });
+                let settled = self.settle(&report);
                 Started::Answered(answer(
                     &input,
                     &exit,
@@ -365,8 +339,7 @@ impl Agent {
                     &pass,
                     latency,
                     0,
-                    cost,
-                    reward,
+                    settled,
                     None,
                 ))
             }
@@ -411,27 +384,29 @@ impl Agent {
         let Pending {
             input,
             arm,
-            pass,
+            mut pass,
             hidden,
             started,
             split,
             ..
         } = sample;
-        let (confidences, edge_costs) = observed(&pass);
         match done.result {
             Ok(cloud) => {
                 let probs = cloud.answer.probs.clone();
-                let final_confidence = max_prob(&probs);
-                let offload_ms = cloud.round_trip_ms + self.byte_cost(cloud.bytes_sent);
-                let obs = Observation::offloaded(&confidences, split, final_confidence)
-                    .with_edge_costs(&edge_costs)
-                    .with_offload_cost(offload_ms);
-                let reward = self.learn(arm.0, &obs);
-                let cost = self.edge_cost(&obs, split).map(|edge| edge + offload_ms);
+                let exit_layer = usize::from(cloud.answer.exit_layer);
+                let outcome = Reported::Answered(CloudAnswered {
+                    after: split,
+                    exit_layer,
+                    confidence: pass.pass.answer_confidence(&probs),
+                    round_trip_ms: cloud.round_trip_ms,
+                    cloud_compute_ms: cloud.answer.compute_us as f64 / 1e3,
+                    bytes_sent: cloud.bytes_sent,
+                });
+                let settled = self.settle(&pass.pass.report(arm.0, pass.tokens, outcome));
                 let exit = ExitReading {
-                    layer: usize::from(cloud.answer.exit_layer),
+                    layer: exit_layer,
+                    confidence: max_prob(&probs),
                     probs,
-                    confidence: final_confidence,
                 };
                 let latency = Latency {
                     total: ms(done.at - started),
@@ -449,21 +424,14 @@ impl Agent {
                         &pass,
                         latency,
                         cloud.bytes_sent,
-                        cost,
-                        reward,
+                        settled,
                         None,
                     ),
                     None,
                 )
             }
             Err(failure) => {
-                let best = pass
-                    .exits
-                    .iter()
-                    .max_by(|a, b| a.confidence.total_cmp(&b.confidence))
-                    .cloned()
-                    .expect("an offload decision tested an exit");
-                let local = match self.edge.finish(hidden, pass.tokens, split, best).await {
+                let local = match self.edge.finish(hidden, pass.tokens, split).await {
                     Ok(local) => local,
                     Err(error) => {
                         return (
@@ -475,27 +443,39 @@ impl Agent {
                         );
                     }
                 };
+                let (exit, confidence) = match local.probs {
+                    Some(probs) => {
+                        let confidence = pass.pass.answer_confidence(&probs);
+                        let reading = ExitReading {
+                            layer: local.layer,
+                            confidence: max_prob(&probs),
+                            probs,
+                        };
+                        (reading, confidence)
+                    }
+                    None => {
+                        let reading = pass
+                            .exit(split)
+                            .expect("an offload decision tested the split's exit")
+                            .clone();
+                        let confidence = reading.confidence;
+                        (reading, confidence)
+                    }
+                };
                 let waited_ms = ms(done.at - done.sent);
                 let bytes_sent = match failure {
                     OffloadFailure::Unreachable(_) => 0,
                     _ => self.encoding.payload_len(pass.tokens, self.hidden_size) as u64,
                 };
-                // The layers the device ran after the failure, priced like its other layers.
-                let finish_ms = self
-                    .controller
-                    .reward_model()
-                    .cost
-                    .device_finish_cost(split, local.exit.layer, local.extra_ms)
-                    .unwrap_or_else(|error| {
-                        tracing::warn!(%error, "charging the measured device time instead");
-                        local.extra_ms
-                    });
-                let offload_ms = waited_ms + finish_ms + self.byte_cost(bytes_sent);
-                let obs = Observation::offloaded(&confidences, split, local.exit.confidence)
-                    .with_edge_costs(&edge_costs)
-                    .with_offload_cost(offload_ms);
-                let reward = self.learn(arm.0, &obs);
-                let cost = self.edge_cost(&obs, split).map(|edge| edge + offload_ms);
+                let outcome = Reported::Failed(OffloadFailed {
+                    after: split,
+                    waited_ms,
+                    bytes_sent,
+                    finish_layer: exit.layer,
+                    confidence,
+                    finish_ms: local.extra_ms,
+                });
+                let settled = self.settle(&pass.pass.report(arm.0, pass.tokens, outcome));
                 let latency = Latency {
                     total: ms(started.elapsed()),
                     edge: pass.edge_ms(),
@@ -505,14 +485,13 @@ impl Agent {
                 (
                     answer(
                         &input,
-                        &local.exit,
+                        &exit,
                         Answered::DeviceFallback,
                         arm,
                         &pass,
                         latency,
                         bytes_sent,
-                        cost,
-                        reward,
+                        settled,
                         Some(failure.to_string()),
                     ),
                     Some(failure.kind()),
@@ -521,52 +500,44 @@ impl Agent {
         }
     }
 
-    /// Updates the bandit; a reward it cannot compute is logged, not fatal: the sample still
-    /// has its answer.
-    fn learn(&mut self, index: ArmIndex, obs: &Observation<'_>) -> Option<f64> {
-        match self.controller.learn(index, obs) {
-            Ok(reward) => {
+    /// Prices the sample and updates the bandit; a sample it cannot price is logged, not
+    /// fatal: it still has its answer.
+    fn settle(&mut self, report: &SampleReport<'_>) -> Settled {
+        let log = SampleLog::new(report);
+        match self.controller.settle(report) {
+            Ok(settlement) => {
                 self.learned += 1;
                 if self.learned.is_multiple_of(self.save_every)
                     && let Err(error) = self.save_state()
                 {
                     tracing::warn!("{error:#}");
                 }
-                Some(reward)
+                Settled {
+                    settlement: Some((settlement, self.learned)),
+                    log,
+                }
             }
             Err(error) => {
                 tracing::warn!(%error, "the bandit could not learn from a sample");
-                None
+                Settled {
+                    settlement: None,
+                    log,
+                }
             }
         }
     }
+}
 
-    /// The device cost the bandit charged for layers `1..=layer`.
-    fn edge_cost(&self, obs: &Observation<'_>, layer: usize) -> Option<f64> {
-        self.controller
-            .reward_model()
-            .cost
-            .edge_cost(layer, obs)
-            .ok()
-    }
-
-    fn byte_cost(&self, bytes: u64) -> f64 {
-        self.ms_per_kb * bytes as f64 / 1024.0
-    }
+/// A sample's settlement (and the bandit's count of samples learnt after it), with the report
+/// it was computed from.
+struct Settled {
+    settlement: Option<(Settlement, u64)>,
+    log: SampleLog,
 }
 
 enum Started {
     Answered(SampleRecord),
     Offload(Box<Pending>, OffloadRequest),
-}
-
-/// Per-layer confidences (NaN where no head was evaluated) and cumulative edge milliseconds.
-fn observed(pass: &EdgePass) -> (Vec<f64>, Vec<f64>) {
-    let mut confidences = vec![NOT_EVALUATED; pass.cumulative_ms.len()];
-    for exit in &pass.exits {
-        confidences[exit.layer - 1] = exit.confidence;
-    }
-    (confidences, pass.cumulative_ms.clone())
 }
 
 fn ms(duration: std::time::Duration) -> f64 {
@@ -586,11 +557,11 @@ fn answer(
     pass: &EdgePass,
     latency_ms: Latency,
     bytes_sent: u64,
-    cost_ms: Option<f64>,
-    reward: Option<f64>,
+    settled: Settled,
     error: Option<String>,
 ) -> SampleRecord {
-    let prediction = argmax(&exit.probs);
+    let prediction = splitee_bandits::argmax(&exit.probs);
+    let settlement = settled.settlement;
     SampleRecord {
         id: input.id.clone(),
         line: input.line,
@@ -609,8 +580,10 @@ fn answer(
         truncated_from: pass.truncated_from,
         latency_ms,
         bytes_sent,
-        cost_ms,
-        reward,
+        cost_ms: settlement.map(|(s, _)| s.cost()),
+        reward: settlement.map(|(s, _)| s.reward),
+        learned: settlement.map(|(_, learned)| learned),
+        observed: Some(settled.log),
         error,
     }
 }

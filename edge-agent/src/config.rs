@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use splitee_bandits::{ArmsConfig, PolicyConfig, RewardKind};
+use splitee_bandits::{ArmsConfig, DeviceProfile, ExitsConfig, PolicyConfig, RewardConfig};
 use splitee_common::BackendChoice;
 use splitee_common::protocol::PayloadEncoding;
 
@@ -44,9 +44,10 @@ pub struct AgentConfig {
     pub arms: ArmsConfig,
     #[serde(default)]
     pub reward: RewardConfig,
-    #[serde(default = "default_policy")]
+    #[serde(default)]
     pub policy: PolicyConfig,
-    /// The device's measured per-layer cost, written by `edge-agent profile`.
+    /// The device's measured per-layer cost, written by `edge-agent profile`; priced with
+    /// `reward.edge_costs = "profile"`.
     #[serde(default)]
     pub device: Option<DeviceProfile>,
 }
@@ -57,10 +58,6 @@ fn default_model() -> PathBuf {
 
 fn default_save_every() -> u64 {
     100
-}
-
-fn default_policy() -> PolicyConfig {
-    PolicyConfig::Ucb1 { c: 1.0 }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -145,38 +142,6 @@ impl Default for PipelineConfig {
     }
 }
 
-/// How confident an exit is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum ConfidenceMeasure {
-    /// The top class probability.
-    #[default]
-    MaxProb,
-    /// `1 − H(p) / ln K`: 1 for a one-hot distribution, 0 for the uniform one.
-    Entropy,
-    /// PABEE: `min(1, r / patience)` where `r` counts the consecutive exits (ending at this
-    /// one) that predicted the same class; with `α = 1` a sample exits once `patience`
-    /// exits in a row agree.
-    Patience,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ExitsConfig {
-    pub measure: ConfidenceMeasure,
-    /// For `measure = "patience"`.
-    pub patience: usize,
-}
-
-impl Default for ExitsConfig {
-    fn default() -> Self {
-        Self {
-            measure: ConfidenceMeasure::MaxProb,
-            patience: 2,
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct InputConfig {
@@ -190,55 +155,6 @@ impl Default for InputConfig {
             max_line_bytes: 64 * 1024,
         }
     }
-}
-
-/// What an edge layer costs the bandit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum EdgeCosts {
-    /// Each sample's own measured compute time.
-    #[default]
-    Measured,
-    /// The `[device]` profile's per-layer times: steadier than single measurements.
-    Profile,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RewardConfig {
-    pub kind: RewardKind,
-    /// Price of one millisecond, in confidence units.
-    pub lambda: f64,
-    pub edge_costs: EdgeCosts,
-    /// Milliseconds charged per kilobyte sent (radio energy, metered data); 0 counts only
-    /// time.
-    pub ms_per_kb: f64,
-    /// Rewards are assumed to lie in `[−λ·cost_scale_ms, 1]` (the exploration width).
-    pub cost_scale_ms: f64,
-}
-
-impl Default for RewardConfig {
-    fn default() -> Self {
-        Self {
-            kind: RewardKind::SplitEe,
-            lambda: 0.002,
-            edge_costs: EdgeCosts::Measured,
-            ms_per_kb: 0.0,
-            cost_scale_ms: 200.0,
-        }
-    }
-}
-
-/// Per-layer compute time on this device, as `edge-agent profile` measures it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeviceProfile {
-    #[serde(default)]
-    pub description: String,
-    /// Milliseconds of encoder layer `j` (index `j − 1`), exit head included, at `ref_tokens`.
-    pub layer_ms: Vec<f64>,
-    pub embed_ms: f64,
-    pub ref_tokens: usize,
 }
 
 impl AgentConfig {
@@ -272,41 +188,8 @@ impl AgentConfig {
             self.input.max_line_bytes >= 1,
             "input.max_line_bytes must be at least 1"
         );
-        anyhow::ensure!(
-            self.exits.measure != ConfidenceMeasure::Patience || self.exits.patience >= 1,
-            "exits.patience must be at least 1"
-        );
-        let r = &self.reward;
-        anyhow::ensure!(
-            r.lambda.is_finite() && r.lambda >= 0.0,
-            "reward.lambda must be finite and >= 0, got {}",
-            r.lambda
-        );
-        anyhow::ensure!(
-            r.ms_per_kb.is_finite() && r.ms_per_kb >= 0.0,
-            "reward.ms_per_kb must be finite and >= 0, got {}",
-            r.ms_per_kb
-        );
-        anyhow::ensure!(
-            r.cost_scale_ms.is_finite() && r.cost_scale_ms > 0.0,
-            "reward.cost_scale_ms must be finite and > 0, got {}",
-            r.cost_scale_ms
-        );
-        anyhow::ensure!(
-            r.edge_costs != EdgeCosts::Profile || self.device.is_some(),
-            "reward.edge_costs = \"profile\" needs a [device] profile (run `edge-agent profile`)"
-        );
-        if let Some(device) = &self.device {
-            anyhow::ensure!(
-                !device.layer_ms.is_empty()
-                    && device
-                        .layer_ms
-                        .iter()
-                        .chain([&device.embed_ms])
-                        .all(|ms| ms.is_finite() && *ms >= 0.0),
-                "device.layer_ms and device.embed_ms must be finite and >= 0"
-            );
-        }
+        self.exits.validate().map_err(anyhow::Error::msg)?;
+        self.reward.validate(self.device.as_ref())?;
         if let Some(cloud) = &self.cloud {
             anyhow::ensure!(
                 cloud.client_cert.is_some() == cloud.client_key.is_some(),

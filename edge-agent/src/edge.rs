@@ -11,78 +11,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use burn::prelude::*;
-use splitee_bandits::{Arm, Decision, DecisionRule, SampleDecision, Step};
+use splitee_bandits::{Arm, Decision, DevicePass, Step};
 use splitee_common::{Hidden, MultiExitBert, Tokenizer};
 use tokio::sync::oneshot;
-
-use crate::config::ConfidenceMeasure;
-
-/// Turns exit probabilities into the confidence the exit test compares with `α`.
-#[derive(Debug, Clone, Copy)]
-pub struct Confidence {
-    measure: ConfidenceMeasure,
-    patience: usize,
-    /// Class of the previous evaluated exit and how many exits in a row predicted it.
-    run: Option<(u32, usize)>,
-}
-
-impl Confidence {
-    pub fn new(measure: ConfidenceMeasure, patience: usize) -> Self {
-        Self {
-            measure,
-            patience: patience.max(1),
-            run: None,
-        }
-    }
-
-    /// Patience counts agreeing exits in a row, so it must see every head up to the split.
-    pub fn needs_every_head(&self) -> bool {
-        self.measure == ConfidenceMeasure::Patience
-    }
-
-    /// Confidence of the next evaluated exit, whose class probabilities are `probs`.
-    pub fn observe(&mut self, probs: &[f32]) -> f64 {
-        let predicted = argmax(probs);
-        let run = match self.run {
-            Some((class, run)) if class == predicted => run + 1,
-            _ => 1,
-        };
-        self.run = Some((predicted, run));
-        match self.measure {
-            ConfidenceMeasure::MaxProb => max_prob(probs),
-            ConfidenceMeasure::Entropy => normalized_certainty(probs),
-            ConfidenceMeasure::Patience => (run as f64 / self.patience as f64).min(1.0),
-        }
-    }
-}
-
-pub fn argmax(probs: &[f32]) -> u32 {
-    let mut best = 0;
-    for (class, &p) in probs.iter().enumerate() {
-        if p > probs[best] {
-            best = class;
-        }
-    }
-    best as u32
-}
-
-pub fn max_prob(probs: &[f32]) -> f64 {
-    f64::from(probs.iter().copied().fold(0.0, f32::max))
-}
-
-/// `1 − H(p) / ln K`, clamped to `[0, 1]` against rounding.
-fn normalized_certainty(probs: &[f32]) -> f64 {
-    if probs.len() < 2 {
-        return 1.0;
-    }
-    let entropy: f64 = probs
-        .iter()
-        .map(|&p| f64::from(p))
-        .filter(|&p| p > 0.0)
-        .map(|p| -p * p.ln())
-        .sum();
-    (1.0 - entropy / (probs.len() as f64).ln()).clamp(0.0, 1.0)
-}
 
 /// One exit the device evaluated.
 #[derive(Debug, Clone, PartialEq)]
@@ -99,13 +30,13 @@ pub struct EdgePass {
     /// Token count before truncation at the model's limit, when it was cut.
     pub truncated_from: Option<usize>,
     pub decision: Decision,
+    /// The bandits' record of the pass: the confidences seen and the device clock (from the
+    /// start of the sample, tokenizing included, to the end of each layer and its head).
+    pub pass: DevicePass,
     /// Exits evaluated, in layer order; the decision's exit is among them.
     pub exits: Vec<ExitReading>,
     /// Tokenizing and embedding, milliseconds.
     pub embed_ms: f64,
-    /// `cumulative_ms[j − 1]`: milliseconds from the start of the sample to the end of layer
-    /// `j` and its exit head, when one was evaluated.
-    pub cumulative_ms: Vec<f64>,
     /// Hidden states after the split, `[tokens, hidden]` row-major, when offloading.
     pub hidden: Option<Vec<f32>>,
 }
@@ -116,14 +47,20 @@ impl EdgePass {
     }
 
     pub fn edge_ms(&self) -> f64 {
-        self.cumulative_ms.last().copied().unwrap_or(self.embed_ms)
+        self.pass
+            .device_ms()
+            .last()
+            .copied()
+            .unwrap_or(self.embed_ms)
     }
 }
 
-/// The device's answer for a sample the cloud did not answer.
+/// The device's answer for a sample the cloud did not answer: the exit after `layer`, whose
+/// probabilities are new (`Some`) when the device ran layers past the split to reach it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LocalFinish {
-    pub exit: ExitReading,
+    pub layer: usize,
+    pub probs: Option<Vec<f32>>,
     /// Milliseconds spent on layers after the split (0 when none were run).
     pub extra_ms: f64,
 }
@@ -138,7 +75,6 @@ enum Job {
         hidden: Vec<f32>,
         tokens: usize,
         split: usize,
-        best_so_far: ExitReading,
         reply: oneshot::Sender<anyhow::Result<LocalFinish>>,
     },
 }
@@ -157,12 +93,9 @@ pub struct EdgeModel {
     pub model: MultiExitBert,
     pub tokenizer: Tokenizer,
     pub device: Device,
-    pub rule: DecisionRule,
-    /// Layers of the whole model (the cloud's last layer).
-    pub num_layers: usize,
-    pub measure: ConfidenceMeasure,
-    pub patience: usize,
-    pub evaluate_all_heads: bool,
+    /// A fresh pass of the agent's controller (rule, exit heads, measure); each sample starts
+    /// a copy.
+    pub pass: DevicePass,
 }
 
 impl EdgeRuntime {
@@ -207,21 +140,19 @@ impl EdgeRuntime {
         answer.await.context("the edge compute thread stopped")?
     }
 
-    /// Finishes an offloaded sample on the device: the deepest exit it holds, else the best
-    /// exit evaluated so far.
+    /// Finishes an offloaded sample on the device at the deepest exit it holds past the split;
+    /// without one, at the split's own exit.
     pub async fn finish(
         &self,
         hidden: Vec<f32>,
         tokens: usize,
         split: usize,
-        best_so_far: ExitReading,
     ) -> anyhow::Result<LocalFinish> {
         let (reply, answer) = oneshot::channel();
         self.send(Job::Finish {
             hidden,
             tokens,
             split,
-            best_so_far,
             reply,
         })?;
         answer.await.context("the edge compute thread stopped")?
@@ -257,10 +188,9 @@ impl EdgeModel {
                 hidden,
                 tokens,
                 split,
-                best_so_far,
                 reply,
             } => {
-                let _ = reply.send(guarded(|| self.finish(hidden, tokens, split, best_so_far)));
+                let _ = reply.send(guarded(|| self.finish(hidden, tokens, split)));
             }
         }
     }
@@ -275,25 +205,14 @@ impl EdgeModel {
         let mut hidden = self.model.embed(ids, None)?;
         let embed_ms = ms_since(started);
 
-        let mut decision = SampleDecision::new(arm, self.rule, self.num_layers);
-        let mut confidence = Confidence::new(self.measure, self.patience);
-        let evaluate_all = self.evaluate_all_heads || confidence.needs_every_head();
+        let mut pass = self.pass.clone();
+        pass.start(arm);
         let mut exits = Vec::new();
-        let mut cumulative_ms = Vec::new();
         let decided = loop {
-            let layer = decision.next_layer();
+            let layer = pass.next_layer().expect("undecided until Step::Done");
             hidden = self.model.run_layers(hidden, layer - 1..layer)?;
-            let has_head = self.model.exit_config().layers.contains(&layer);
-            let needed = decision.needs_confidence(layer) || layer == self.num_layers;
-            let reading = if has_head && (needed || evaluate_all) {
-                let probs = self.probs(layer, &hidden)?;
-                let c = confidence.observe(&probs);
-                exits.push(ExitReading {
-                    layer,
-                    probs,
-                    confidence: c,
-                });
-                Some(c)
+            let probs = if pass.wants_head(layer) {
+                Some(self.probs(layer, &hidden)?)
             } else {
                 // GPU backends queue work: wait for the layer so its time is charged to it.
                 self.device
@@ -301,10 +220,16 @@ impl EdgeModel {
                     .map_err(|e| anyhow::anyhow!("synchronising the device: {e:?}"))?;
                 None
             };
-            cumulative_ms.push(ms_since(started));
-            match decision.observe(layer, reading)? {
-                Step::Continue => {}
-                Step::Done(d) => break d,
+            let step = pass.observe(layer, probs.as_deref(), ms_since(started))?;
+            if let Some(probs) = probs {
+                exits.push(ExitReading {
+                    layer,
+                    confidence: pass.confidences()[layer - 1],
+                    probs,
+                });
+            }
+            if let Step::Done(d) = step {
+                break d;
             }
         };
         let hidden = match decided {
@@ -315,20 +240,14 @@ impl EdgeModel {
             tokens,
             truncated_from: (encoding.untruncated_len > tokens).then_some(encoding.untruncated_len),
             decision: decided,
+            pass,
             exits,
             embed_ms,
-            cumulative_ms,
             hidden,
         })
     }
 
-    fn finish(
-        &self,
-        rows: Vec<f32>,
-        tokens: usize,
-        split: usize,
-        best_so_far: ExitReading,
-    ) -> anyhow::Result<LocalFinish> {
+    fn finish(&self, rows: Vec<f32>, tokens: usize, split: usize) -> anyhow::Result<LocalFinish> {
         let deepest = self
             .model
             .exit_config()
@@ -339,7 +258,8 @@ impl EdgeModel {
             .max();
         let Some(deepest) = deepest else {
             return Ok(LocalFinish {
-                exit: best_so_far,
+                layer: split,
+                probs: None,
                 extra_ms: 0.0,
             });
         };
@@ -350,13 +270,9 @@ impl EdgeModel {
             .model
             .run_layers(Hidden { states, mask: None }, split..deepest)?;
         let probs = self.probs(deepest, &hidden)?;
-        let confidence = max_prob(&probs);
         Ok(LocalFinish {
-            exit: ExitReading {
-                layer: deepest,
-                probs,
-                confidence,
-            },
+            layer: deepest,
+            probs: Some(probs),
             extra_ms: ms_since(started),
         })
     }
@@ -387,39 +303,4 @@ fn to_rows(hidden: &Hidden) -> anyhow::Result<Vec<f32>> {
 
 fn ms_since(start: Instant) -> f64 {
     start.elapsed().as_secs_f64() * 1e3
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn max_prob_and_entropy_agree_on_the_extremes() {
-        let mut c = Confidence::new(ConfidenceMeasure::MaxProb, 1);
-        assert_eq!(c.observe(&[0.25, 0.75]), 0.75);
-        let mut e = Confidence::new(ConfidenceMeasure::Entropy, 1);
-        assert!((e.observe(&[0.5, 0.5]) - 0.0).abs() < 1e-12);
-        assert!((e.observe(&[1.0, 0.0]) - 1.0).abs() < 1e-12);
-        let mid = e.observe(&[0.9, 0.1]);
-        assert!(mid > 0.5 && mid < 0.6, "{mid}");
-    }
-
-    #[test]
-    fn patience_counts_agreeing_exits_in_a_row() {
-        let mut c = Confidence::new(ConfidenceMeasure::Patience, 3);
-        let pos = [0.1, 0.9];
-        let neg = [0.8, 0.2];
-        let seen: Vec<f64> = [pos, pos, neg, neg, neg, neg]
-            .iter()
-            .map(|p| c.observe(p))
-            .collect();
-        assert_eq!(seen, [1.0 / 3.0, 2.0 / 3.0, 1.0 / 3.0, 2.0 / 3.0, 1.0, 1.0]);
-        assert!(c.needs_every_head());
-    }
-
-    #[test]
-    fn argmax_takes_the_first_of_equals() {
-        assert_eq!(argmax(&[0.5, 0.5]), 0);
-        assert_eq!(argmax(&[0.1, 0.2, 0.7]), 2);
-    }
 }

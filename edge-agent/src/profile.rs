@@ -8,7 +8,7 @@ use burn::prelude::Device;
 use splitee_common::profile::profile_forward;
 use splitee_common::{Batch, ModelDir};
 
-use crate::config::DeviceProfile;
+use splitee_bandits::DeviceProfile;
 
 /// Median per-stage milliseconds of `runs` forward passes of one `tokens`-token sequence,
 /// after one warm-up pass (allocator, thread pool).
@@ -51,10 +51,11 @@ pub fn measure(
         }
     }
     Ok(DeviceProfile {
+        name: String::new(),
         description,
         layer_ms: layers.iter_mut().map(|samples| median(samples)).collect(),
         embed_ms: median(&mut embed),
-        ref_tokens: tokens,
+        ref_tokens: tokens as f64,
     })
 }
 
@@ -90,10 +91,11 @@ mod tests {
     fn writing_a_profile_keeps_comments_and_replaces_the_old_table() {
         let text = "# my agent\nmodel = \"models/default\" # the embedded one\n\n[arms]\nsplits = \"exits\"\nthresholds = [0.9]\n\n[device]\ndescription = \"ESTIMATE\"\nlayer_ms = [1.0]\nembed_ms = 0.5\nref_tokens = 8\n";
         let profile = DeviceProfile {
+            name: String::new(),
             description: "measured".into(),
             layer_ms: vec![2.12345, 3.0],
             embed_ms: 0.25,
-            ref_tokens: 32,
+            ref_tokens: 32.0,
         };
         let written = write_into(text, &profile).unwrap();
         assert!(written.starts_with("# my agent\nmodel = \"models/default\" # the embedded one"));
@@ -102,7 +104,7 @@ mod tests {
         assert_eq!(device.layer_ms, vec![2.123, 3.0]);
         assert_eq!(
             (device.ref_tokens, device.description.as_str()),
-            (32, "measured")
+            (32.0, "measured")
         );
     }
 }

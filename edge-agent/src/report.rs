@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde::Serialize;
+use splitee_bandits::SampleLog;
 
 /// Where a sample's answer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -73,9 +74,18 @@ pub struct SampleRecord {
     pub truncated_from: Option<usize>,
     pub latency_ms: Latency,
     pub bytes_sent: u64,
-    /// Cost charged to the bandit, in milliseconds (edge + offload, see the config).
+    /// Cost charged to the bandit (edge + offload, in the `[reward]` table's units: ms unless
+    /// abstract).
     pub cost_ms: Option<f64>,
     pub reward: Option<f64>,
+    /// The bandit had learnt from this many samples after this one (its place in the order
+    /// of learning, which is not input order: offloads are learnt when their answer comes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub learned: Option<u64>,
+    /// What the settlement priced: replaying these through `Controller::settle` in `learned`
+    /// order reproduces every reward and the bandit's state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub observed: Option<SampleLog>,
     /// Why the sample failed, or why the cloud did not answer it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -100,6 +110,8 @@ impl SampleRecord {
             bytes_sent: 0,
             cost_ms: None,
             reward: None,
+            learned: None,
+            observed: None,
             error: Some(error),
         }
     }

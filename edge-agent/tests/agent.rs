@@ -161,7 +161,7 @@ fn assert_each_answered_once(records: &[SampleRecord], samples: usize) {
 }
 
 fn argmax(probs: &[f32]) -> u32 {
-    edge_agent::edge::argmax(probs)
+    splitee_bandits::argmax(probs)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -434,4 +434,72 @@ fn bad_input_lines_get_error_records_and_the_run_goes_on() {
     assert_eq!(summary["errors"], 4);
     assert_eq!(summary["answered"], 2);
     assert_eq!(summary["labelled"], 2);
+}
+
+/// A fresh controller of `config`, built as the agent builds its own.
+fn fresh_controller(config: &AgentConfig) -> splitee_bandits::Controller {
+    let dir = ModelDir::open(&config.model).unwrap();
+    let layers = dir.config.num_hidden_layers;
+    let (space, rule) = config.arms.build(layers, &dir.exits.layers).unwrap();
+    let (reward, range) = config.reward.build(layers, config.device.as_ref()).unwrap();
+    splitee_bandits::Controller::new(space, rule, reward, &config.policy, Some(range)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_records_replay_through_the_settlement_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = certs(dir.path());
+    let worker = start_worker(&certs, "127.0.0.1:0").await;
+    // Side information, a token-scaled device profile and a per-KB price: every part of the
+    // settlement that could drift between the agent's record and a replay.
+    let tables = "[arms]\nsplits = \"exits\"\nthresholds = [0.8, 0.95]\n\
+                  [reward]\nedge_costs = \"profile\"\nms_per_kb = 0.05\nlambda = 0.004\n\
+                  [policy]\nkind = \"split-ee-s\"\nc = 0.5\n\
+                  [device]\nlayer_ms = [5.0, 5.0, 5.0, 5.0, 5.0, 5.0]\nembed_ms = 1.0\nref_tokens = 16\n";
+    let config = agent_config(Some((&certs, worker.local_addr())), tables);
+    let mut agent = Agent::start(&config, device(), Arc::new(Metrics::new()), true)
+        .await
+        .unwrap();
+    let (mut records, _) = run(&mut agent, sentences(60), |_, _| {}).await;
+    // The worker gone: the offloads fail and the device finishes them.
+    worker.shutdown().await.unwrap();
+    let (more, _) = run(&mut agent, sentences(20), |_, _| {}).await;
+    records.extend(more);
+    let answered = |kind: Answered| records.iter().filter(|r| r.answered == kind).count();
+    assert!(answered(Answered::Cloud) > 0 && answered(Answered::Device) > 0);
+    assert!(
+        answered(Answered::DeviceFallback) > 0,
+        "the failures are replayed too"
+    );
+
+    // The JSON lines, as `edge-agent run` writes them, read back as a user's script would.
+    let lines: Vec<String> = records
+        .iter()
+        .map(|r| serde_json::to_string(r).unwrap())
+        .collect();
+    let mut logged: Vec<(u64, splitee_bandits::SampleLog, f64, f64)> = lines
+        .iter()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            (
+                value["learned"].as_u64().unwrap(),
+                serde_json::from_value(value["observed"].clone()).unwrap(),
+                value["reward"].as_f64().unwrap(),
+                value["cost_ms"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    logged.sort_by_key(|(learned, ..)| *learned);
+    let mut replay = fresh_controller(&config);
+    for (learned, log, reward, cost) in &logged {
+        let settled = replay.settle(&log.as_report()).unwrap();
+        assert_eq!(
+            settled.reward.to_bits(),
+            reward.to_bits(),
+            "sample {learned}"
+        );
+        assert_eq!(settled.cost().to_bits(), cost.to_bits(), "sample {learned}");
+    }
+    // Learnt in the same order, the replayed bandit is the agent's, bit for bit.
+    assert_eq!(&replay, agent.controller());
 }

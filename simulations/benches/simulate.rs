@@ -1,20 +1,22 @@
 //! Simulated samples per second, single-threaded, for a 12-arm SplitEE run (12-layer
-//! synthetic matrix, one exit per layer, split-only rule, abstract costs λ = 0.1, o = 0.5),
-//! plus one run with measured costs over a Mahimahi-like packet link. Prints a table.
+//! synthetic matrix, one exit per layer, split-only rule, abstract costs λ = 0.1, o = 0.5;
+//! the agent's pipeline window of 16 and 2 s timeout), plus one run with measured costs over
+//! a Mahimahi-like packet link. Prints a table.
 //!
 //! `cargo bench -p simulations --bench simulate` (samples per run: `SIM_BENCH_SAMPLES`).
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use simulations::device::{DeviceConfig, Encoding};
+use simulations::clock::ClockConfig;
 use simulations::network::{BaseTrace, Link, Rtt};
-use simulations::sim::{Arrivals, RunSpec, Workload, run};
+use simulations::sim::{AgentModel, Arrivals, RunSpec, SampleOrder, Workload, run};
 use simulations::synth::{SynthSpec, generate};
 use splitee_bandits::{
-    ArmSpace, Controller, CostModel, DecisionRule, PolicyConfig, RewardKind, RewardModel,
-    RewardRange,
+    ArmSpace, Controller, CostModel, DecisionRule, ExitsConfig, PolicyConfig, RewardKind,
+    RewardModel, RewardRange,
 };
+use splitee_common::protocol::PayloadEncoding;
 
 fn main() -> anyhow::Result<()> {
     let samples: usize = std::env::var("SIM_BENCH_SAMPLES")
@@ -28,17 +30,13 @@ fn main() -> anyhow::Result<()> {
         hidden: 768,
         seed: 3,
     })?;
-    let device = DeviceConfig {
-        edge: "recorded".into(),
+    let clocks = ClockConfig {
         edge_scale: 4.0,
         cloud_speedup: 10.0,
-        hidden: None,
-        encoding: Encoding::F16,
-        default_tokens: 32,
-        overhead_bytes: 0,
+        ..ClockConfig::default()
     }
-    .resolve(&matrix)?;
-    let workload = Workload::new(&matrix, &device)?;
+    .resolve(&matrix, None, PayloadEncoding::F16)?;
+    let workload = Workload::new(&matrix, &clocks)?;
     let space = ArmSpace::splits(12, 0.9)?;
     let constant = Link::plain(
         Arc::new(BaseTrace::constant(20.0).map_err(anyhow::Error::msg)?),
@@ -81,13 +79,19 @@ fn main() -> anyhow::Result<()> {
         let result = run(RunSpec {
             workload: &workload,
             controller,
+            agent: AgentModel {
+                exits: ExitsConfig::default(),
+                evaluate_all_heads: true,
+                window: 16,
+                request_timeout_ms: 2000.0,
+                cloud_exit_threshold: None,
+                edge_layers: 12,
+            },
             link,
             arrivals: Arrivals::Poisson { rate_per_s: 20.0 },
+            order: SampleOrder::Shuffled,
             samples,
             seed: 1,
-            evaluate_all_heads: true,
-            keep_arm_rewards: false,
-            series_every: 0,
         })?;
         let secs = start.elapsed().as_secs_f64();
         // Keeps the optimiser from discarding the run.

@@ -155,7 +155,7 @@ fn main() -> anyhow::Result<()> {
             if let Some(m) = matrix {
                 cfg.matrix.path = m;
             }
-            let m = cfg.matrix.format.read(&cfg.matrix.path)?;
+            let m = cfg.matrix.load(None)?;
             if m.is_synthetic() {
                 eprintln!("note: {} is SYNTHETIC", cfg.matrix.path.display());
             }

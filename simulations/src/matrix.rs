@@ -140,6 +140,30 @@ impl ConfidenceMatrix {
         })
     }
 
+    /// Places the exits of a format that only numbers them (UEE-UCB's, AdaEE's) at `exit_layers`
+    /// of a `num_layers`-layer model, so that layer-priced costs count real depth. Only for
+    /// matrices without layer timings.
+    pub fn place_exits(
+        &mut self,
+        exit_layers: Vec<usize>,
+        num_layers: usize,
+    ) -> Result<(), String> {
+        if exit_layers.len() != self.exit_layers.len() {
+            return Err(format!(
+                "{} exit layers given, the matrix has {} exits",
+                exit_layers.len(),
+                self.exit_layers.len()
+            ));
+        }
+        if self.has_layer_ms {
+            return Err("the matrix records layer times: its exits are already placed".into());
+        }
+        check_exits(num_layers, &exit_layers)?;
+        self.exit_layers = exit_layers;
+        self.num_layers = num_layers;
+        Ok(())
+    }
+
     /// Sets a metadata `key=value` (written as a `#` comment line). Keys and values must be
     /// non-empty and free of whitespace, and keys free of `=`, so that they read back.
     pub fn set_metadata(&mut self, key: &str, value: &str) -> Result<(), String> {

@@ -37,7 +37,7 @@
 //! capacity factor `1 − loss` (so `loss_bad = 1` is an outage). The chain is drawn from the
 //! run's seed up to a horizon; after it the link stays good.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rand::Rng;
@@ -69,6 +69,41 @@ pub enum BaseTrace {
         cum_bits: Vec<f64>,
         period_ms: f64,
     },
+}
+
+/// Where a link's capacity comes from, as configs name it (experiments and the link
+/// emulator share this vocabulary). Relative paths are resolved by the config that holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum TraceSource {
+    Constant { rate_mbps: f64 },
+    Mahimahi { path: PathBuf },
+    Norway { path: PathBuf },
+    Fivegophers { path: PathBuf, column: String },
+}
+
+impl TraceSource {
+    /// Reads the trace.
+    pub fn load(&self) -> anyhow::Result<BaseTrace> {
+        Ok(match self {
+            TraceSource::Constant { rate_mbps } => {
+                BaseTrace::constant(*rate_mbps).map_err(anyhow::Error::msg)?
+            }
+            TraceSource::Mahimahi { path } => BaseTrace::read_mahimahi(path)?,
+            TraceSource::Norway { path } => BaseTrace::read_norway(path)?,
+            TraceSource::Fivegophers { path, column } => BaseTrace::read_fivegophers(path, column)?,
+        })
+    }
+
+    /// The trace file, for sources that have one.
+    pub fn path_mut(&mut self) -> Option<&mut PathBuf> {
+        match self {
+            TraceSource::Constant { .. } => None,
+            TraceSource::Mahimahi { path }
+            | TraceSource::Norway { path }
+            | TraceSource::Fivegophers { path, .. } => Some(path),
+        }
+    }
 }
 
 impl BaseTrace {

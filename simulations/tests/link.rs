@@ -921,7 +921,7 @@ async fn relay_rate_follows_scheduled_and_run_time_switches() {
     });
     tokio::time::sleep_until((origin + Duration::from_secs(3)).into()).await;
     let fast = LinkModel {
-        rate: Some(simulations::experiment::TraceSource::Constant { rate_mbps: 6.0 }),
+        rate: Some(simulations::network::TraceSource::Constant { rate_mbps: 6.0 }),
         queue: QueueLimit {
             packets: Some(50),
             bytes: None,
@@ -980,7 +980,7 @@ async fn relay_keeps_clients_apart() {
 async fn replacing_a_link_with_a_bad_model_is_an_error() {
     let (handle, _server, _) = emulate(&config("[uplink]\n[downlink]\n"));
     let bad = LinkModel {
-        rate: Some(simulations::experiment::TraceSource::Mahimahi {
+        rate: Some(simulations::network::TraceSource::Mahimahi {
             path: PathBuf::from("/nonexistent/trace.up"),
         }),
         ..LinkModel::default()

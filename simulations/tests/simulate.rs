@@ -5,17 +5,23 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rand::SeedableRng;
-use simulations::device::{DeviceConfig, Encoding};
+use simulations::clock::ClockConfig;
 use simulations::error::InputError;
-use simulations::experiment::{ExperimentConfig, Prepared, reconvergence, run_experiment};
+use simulations::experiment::{
+    ExperimentConfig, Hindsight, Prepared, reconvergence, replay_emulator, run_experiment,
+};
+use simulations::link::LinkConfig as EmulatorConfig;
 use simulations::matrix::{ConfidenceMatrix, MatrixFormat, SampleRow};
-use simulations::network::{BaseTrace, GilbertElliott, Link, LinkQueue, Rtt, StepChange};
-use simulations::sim::{Arrivals, RunResult, RunSpec, Workload, run};
+use simulations::network::{
+    BaseTrace, GilbertElliott, Link, LinkQueue, Rtt, StepChange, TraceSource,
+};
+use simulations::sim::{AgentModel, Arrivals, RunResult, RunSpec, SampleOrder, Workload, run};
 use simulations::synth::{SynthSpec, generate};
 use splitee_bandits::{
-    ArmSpace, Controller, CostModel, DecisionRule, ExitCheck, Fallback, PolicyConfig, RewardKind,
-    RewardModel, RewardRange,
+    ArmSpace, Controller, CostModel, DecisionRule, ExitCheck, ExitsConfig, Fallback, PolicyConfig,
+    RewardKind, RewardModel, RewardRange,
 };
+use splitee_common::protocol::PayloadEncoding;
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
@@ -354,63 +360,181 @@ fn one_sample(c1: f32, c2: f32, label: u32) -> ConfidenceMatrix {
     m
 }
 
-fn device() -> DeviceConfig {
-    DeviceConfig {
-        edge: "recorded".into(),
-        edge_scale: 1.0,
+fn clock() -> ClockConfig {
+    ClockConfig {
         cloud_speedup: 10.0,
-        hidden: None,
-        encoding: Encoding::F32,
-        default_tokens: 32,
-        overhead_bytes: 0,
+        ..ClockConfig::default()
     }
+}
+
+/// The agent's defaults, but a window and timeout that never bind.
+fn agent(layers: usize) -> AgentModel {
+    AgentModel {
+        exits: ExitsConfig::default(),
+        evaluate_all_heads: true,
+        window: usize::MAX,
+        request_timeout_ms: f64::INFINITY,
+        cloud_exit_threshold: None,
+        edge_layers: layers,
+    }
+}
+
+fn fixed_controller(arms: usize, arm: usize, model: &RewardModel) -> Controller {
+    Controller::new(
+        ArmSpace::splits(arms, 0.8).unwrap(),
+        DecisionRule::SPLITEE,
+        model.clone(),
+        &PolicyConfig::Fixed { arm },
+        Some(RewardRange::new(-5.0, 1.0).unwrap()),
+    )
+    .unwrap()
 }
 
 #[test]
 fn a_hand_computed_offload_matches_the_simulator() {
     let m = one_sample(0.6, 0.9, 1);
-    let w = Workload::new(&m, &device().resolve(&m).unwrap()).unwrap();
+    let w = Workload::new(
+        &m,
+        &clock().resolve(&m, None, PayloadEncoding::F32).unwrap(),
+    )
+    .unwrap();
     // 15 tokens × 100 × 4 B = 6000 B = 4 packets; 12 Mbit/s = 1 packet/ms; RTT 30.
     let link = Link::plain(
         Arc::new(BaseTrace::constant(12.0).unwrap()),
         Arc::new(Rtt::Constant(30.0)),
     );
-    let space = ArmSpace::splits(2, 0.8).unwrap();
     let model = RewardModel::new(RewardKind::SplitEe, CostModel::measured(0.01).unwrap());
-    let controller = Controller::new(
-        space,
-        DecisionRule::SPLITEE,
-        model,
-        &PolicyConfig::Fixed { arm: 0 },
-        Some(RewardRange::new(-5.0, 1.0).unwrap()),
-    )
-    .unwrap();
-    let r = run(RunSpec {
-        workload: &w,
-        controller,
-        link: &link,
-        arrivals: Arrivals::Fixed {
-            interval_ms: 1000.0,
-        },
-        samples: 2,
-        seed: 0,
-        evaluate_all_heads: true,
-        keep_arm_rewards: true,
-        series_every: 1,
-    })
-    .unwrap();
-    // Split 1, C_1 = 0.6 < 0.8: offload after 10 ms; 4 ms on the link + 30 RTT + 2 ms cloud.
+    let go = |arm: usize, agent: AgentModel, interval_ms: f64| {
+        run(RunSpec {
+            workload: &w,
+            controller: fixed_controller(2, arm, &model),
+            agent,
+            link: &link,
+            arrivals: Arrivals::Fixed { interval_ms },
+            order: SampleOrder::Shuffled,
+            samples: 2,
+            seed: 0,
+        })
+        .unwrap()
+    };
+    let r = go(0, agent(2), 1000.0);
+    // Split 1, C_1 = 0.6 < 0.8: offload after 10 ms; 4 ms on the link, 2 ms in the cloud
+    // (layer 2 at a tenth of the device's 20 ms), 30 ms RTT.
     assert_eq!(r.latencies_ms, vec![46.0, 46.0]);
     assert_eq!(r.offloaded, 2);
-    // cost = edge 10 + network 34 = 44 ms; reward = C_L − 0.01·44.
-    assert!((r.cost_sum - 88.0).abs() < 1e-9);
-    assert!((r.reward_sum - 2.0 * (0.9f32 as f64 - 0.44)).abs() < 1e-6);
-    // Arm 2 (all on device): 0.9 − 0.01·30 = 0.6 > 0.46: the fixed arm has regret.
-    assert!((r.arm_means()[1] - (0.9f32 as f64 - 0.3)).abs() < 1e-6);
-    assert_eq!(r.best_arm().0, 1);
-    assert!((r.pseudo_regret_curve()[1] - 2.0 * 0.14).abs() < 1e-5);
+    // Charged: edge 10 + the round trip 36 = 46 ms; reward = C_L − 0.01·46.
+    assert!((r.cost_sum - 92.0).abs() < 1e-9);
+    assert!((r.reward_sum - 2.0 * (0.9f32 as f64 - 0.46)).abs() < 1e-6);
     assert_eq!(r.accuracy(), Some(1.0));
     assert_eq!(r.bytes_sent, 12_000);
+    // Arm 1 (all on the device): 0.9 − 0.01·30 = 0.6 > 0.44: the best fixed arm.
+    let all_on_device = go(1, agent(2), 1000.0);
+    let hindsight = Hindsight::new(vec![&r, &all_on_device]);
+    assert_eq!(hindsight.best_arm, 1);
+    assert!((hindsight.regret(&r) - 2.0 * 0.16).abs() < 1e-6);
+    assert!((hindsight.pseudo_regret_curve(&r)[1] - 2.0 * 0.16).abs() < 1e-6);
+    assert!((hindsight.share(&r).unwrap() - 0.44 / 0.6).abs() < 1e-6);
+
+    // A 20 ms timeout: the answer (36 ms) is too late; at 30 ms the device finishes layer 2
+    // (20 ms more), charged the wait and the layer.
+    let timeout = go(
+        0,
+        AgentModel {
+            request_timeout_ms: 20.0,
+            ..agent(2)
+        },
+        1000.0,
+    );
+    assert_eq!(timeout.fallbacks, 2);
+    assert_eq!(timeout.latencies_ms, vec![50.0, 50.0]);
+    assert!((timeout.cost_sum - 2.0 * (10.0 + 20.0 + 20.0)).abs() < 1e-9);
+    assert!((timeout.reward_sum - 2.0 * (0.9f32 as f64 - 0.5)).abs() < 1e-6);
+
+    // A window of one: the second sample (arriving at 1 ms) waits for the first answer.
+    let windowed = go(
+        0,
+        AgentModel {
+            window: 1,
+            ..agent(2)
+        },
+        1.0,
+    );
+    assert_eq!(windowed.waits_ms, vec![0.0, 45.0]);
+    assert_eq!(windowed.latencies_ms, vec![46.0, 46.0]);
+    // Without it, it starts as soon as the device is free (10 ms).
+    let unbounded = go(0, agent(2), 1.0);
+    assert_eq!(unbounded.waits_ms, vec![0.0, 9.0]);
+    assert_eq!(unbounded.latencies_ms, vec![46.0, 46.0]);
+}
+
+#[test]
+fn the_cloud_exit_and_the_confidence_measure_are_replayed() {
+    // L = 3, exits at 1, 2, 3: a confident layer 2 lets the cloud answer there.
+    let mut m = ConfidenceMatrix::new(3, vec![1, 2, 3], 2, true).unwrap();
+    m.set_metadata("hidden", "100").unwrap();
+    m.push(SampleRow {
+        id: "x",
+        label: Some(1),
+        tokens: 15,
+        probs: &[0.4, 0.6, 0.05, 0.95, 0.3, 0.7],
+        layer_ms: &[10.0, 20.0, 30.0],
+    })
+    .unwrap();
+    let w = Workload::new(
+        &m,
+        &clock().resolve(&m, None, PayloadEncoding::F32).unwrap(),
+    )
+    .unwrap();
+    let link = Link::plain(
+        Arc::new(BaseTrace::constant(12.0).unwrap()),
+        Arc::new(Rtt::Constant(30.0)),
+    );
+    let model = RewardModel::new(RewardKind::SplitEe, CostModel::measured(0.01).unwrap());
+    let go = |agent: AgentModel| {
+        let controller = Controller::new(
+            ArmSpace::splits(3, 0.8).unwrap(),
+            DecisionRule::SPLITEE,
+            model.clone(),
+            &PolicyConfig::Fixed { arm: 0 },
+            Some(RewardRange::new(-5.0, 1.0).unwrap()),
+        )
+        .unwrap();
+        run(RunSpec {
+            workload: &w,
+            controller,
+            agent,
+            link: &link,
+            arrivals: Arrivals::Fixed {
+                interval_ms: 1000.0,
+            },
+            order: SampleOrder::Sequential,
+            samples: 1,
+            seed: 0,
+        })
+        .unwrap()
+    };
+    let to_the_end = go(agent(3));
+    let early = go(AgentModel {
+        cloud_exit_threshold: Some(0.9),
+        ..agent(3)
+    });
+    // The cloud skips layer 3 (3 ms at a tenth of 30): 3 ms sooner, and the answer's
+    // confidence is exit 2's.
+    assert!((to_the_end.latencies_ms[0] - early.latencies_ms[0] - 3.0).abs() < 1e-4);
+    assert!(
+        (early.reward_sum - (0.95f32 as f64 - 0.01 * early.cost_sum)).abs() < 1e-6,
+        "{early:?}"
+    );
+    assert!((to_the_end.reward_sum - (0.7f32 as f64 - 0.01 * to_the_end.cost_sum)).abs() < 1e-6);
+    // Entropy instead of max-prob: the same sample, another confidence.
+    let entropy = go(AgentModel {
+        exits: ExitsConfig {
+            measure: splitee_bandits::ConfidenceMeasure::Entropy,
+            patience: 2,
+        },
+        ..agent(3)
+    });
+    assert!(entropy.reward_sum < to_the_end.reward_sum);
 }
 
 fn synth_workload(samples: usize, layers: usize, edge_scale: f64) -> (ConfidenceMatrix, Workload) {
@@ -422,9 +546,9 @@ fn synth_workload(samples: usize, layers: usize, edge_scale: f64) -> (Confidence
         seed: 11,
     })
     .unwrap();
-    let mut dev = device();
-    dev.edge_scale = edge_scale;
-    let w = Workload::new(&m, &dev.resolve(&m).unwrap()).unwrap();
+    let mut c = clock();
+    c.edge_scale = edge_scale;
+    let w = Workload::new(&m, &c.resolve(&m, None, PayloadEncoding::F32).unwrap()).unwrap();
     (m, w)
 }
 
@@ -447,13 +571,12 @@ fn splitee_run(w: &Workload, policy: PolicyConfig, seed: u64, samples: usize) ->
     run(RunSpec {
         workload: w,
         controller,
+        agent: agent(w.num_layers()),
         link: &link,
         arrivals: Arrivals::Poisson { rate_per_s: 10.0 },
+        order: SampleOrder::Shuffled,
         samples,
         seed,
-        evaluate_all_heads: true,
-        keep_arm_rewards: false,
-        series_every: 0,
     })
     .unwrap()
 }
@@ -466,9 +589,13 @@ fn runs_are_deterministic_and_learning_beats_random() {
     assert_eq!(a, b);
     let c = splitee_run(&w, PolicyConfig::Ucb1 { c: 1.0 }, 6, 4000);
     assert_ne!(a.arrivals_ms, c.arrivals_ms);
+    let fixed: Vec<RunResult> = (0..6)
+        .map(|arm| splitee_run(&w, PolicyConfig::Fixed { arm }, 5, 4000))
+        .collect();
+    let hindsight = Hindsight::new(fixed.iter().collect());
     let random = splitee_run(&w, PolicyConfig::Random { seed: 1 }, 5, 4000);
     let side = splitee_run(&w, PolicyConfig::SplitEeS { c: 1.0 }, 5, 4000);
-    let regret = |r: &RunResult| *r.pseudo_regret_curve().last().unwrap();
+    let regret = |r: &RunResult| *hindsight.pseudo_regret_curve(r).last().unwrap();
     assert!(
         regret(&a) < 0.5 * regret(&random),
         "{} vs {}",
@@ -481,12 +608,12 @@ fn runs_are_deterministic_and_learning_beats_random() {
         regret(&side),
         regret(&a)
     );
-    // Same seed, same stream: the random policy's full-information arm sums equal UCB's.
-    assert_eq!(a.arm_reward_sums, random.arm_reward_sums);
-    // The best fixed arm, played always, has no pseudo-regret.
-    let best = a.best_arm().0;
-    let fixed = splitee_run(&w, PolicyConfig::Fixed { arm: best }, 5, 4000);
-    assert!(regret(&fixed).abs() < 1e-9);
+    // Same seed, same stream: every policy saw the same samples at the same times.
+    assert_eq!(a.arrivals_ms, random.arrivals_ms);
+    // The best fixed arm has no regret against itself.
+    let best = &fixed[hindsight.best_arm];
+    assert!(regret(best).abs() < 1e-9);
+    assert!(hindsight.regret(best).abs() < 1e-9);
 }
 
 #[test]
@@ -499,16 +626,18 @@ fn predictions_only_matrices_need_a_rule_that_ignores_confidences() {
     let m = MatrixFormat::UeeTsv
         .read(&write(dir.path(), "u.tsv", &text))
         .unwrap();
-    let mut dev = device();
-    dev.edge = write(
-        dir.path(),
-        "pi.toml",
-        "name = \"t\"\nlayer_ms = [1.0, 1.0, 1.0]\nref_tokens = 32\n",
-    )
-    .to_string_lossy()
-    .into_owned();
-    dev.hidden = Some(8);
-    let w = Workload::new(&m, &dev.resolve(&m).unwrap()).unwrap();
+    let c = ClockConfig {
+        edge: write(
+            dir.path(),
+            "pi.toml",
+            "name = \"t\"\nlayer_ms = [1.0, 1.0, 1.0]\nref_tokens = 32\n",
+        )
+        .to_string_lossy()
+        .into_owned(),
+        hidden: Some(8),
+        ..clock()
+    };
+    let w = Workload::new(&m, &c.resolve(&m, None, PayloadEncoding::F32).unwrap()).unwrap();
     let link = plain(BaseTrace::constant(10.0).unwrap());
     let make = |fallback| {
         Controller::new(
@@ -529,13 +658,12 @@ fn predictions_only_matrices_need_a_rule_that_ignores_confidences() {
     let spec = |controller| RunSpec {
         workload: &w,
         controller,
+        agent: agent(3),
         link: &link,
         arrivals: Arrivals::Fixed { interval_ms: 10.0 },
+        order: SampleOrder::Shuffled,
         samples: 50,
         seed: 0,
-        evaluate_all_heads: true,
-        keep_arm_rewards: false,
-        series_every: 0,
     };
     let r = run(spec(make(Fallback::ExitAtSplit))).unwrap();
     assert_eq!(r.accuracy(), Some(1.0));
@@ -572,31 +700,64 @@ fn sliding_window_ucb_reconverges_after_a_link_drop() {
         run(RunSpec {
             workload: &w,
             controller,
+            agent: AgentModel {
+                window: 16,
+                request_timeout_ms: 2000.0,
+                ..agent(6)
+            },
             link: &link,
             arrivals: Arrivals::Fixed { interval_ms: 200.0 },
+            order: SampleOrder::Shuffled,
             samples: 8000,
             seed: 2,
-            evaluate_all_heads: true,
-            keep_arm_rewards: true,
-            series_every: 0,
         })
         .unwrap()
     };
+    let fixed: Vec<RunResult> = (0..6).map(|arm| go(PolicyConfig::Fixed { arm })).collect();
+    let hindsight = Hindsight::new(fixed.iter().collect());
     let sw = go(PolicyConfig::SlidingWindowUcb {
         window: 500,
         c: 1.0,
     });
-    let rc = reconvergence(&sw, &steps, 200, 0.8);
+    let rc = reconvergence(&sw, &hindsight, &steps, 200, 0.8);
     assert_eq!(rc.len(), 1);
     // The drop makes offloading expensive: the best split moves deeper.
     assert!(rc[0].best_after > rc[0].best_before, "{rc:?}");
     let sw_samples = rc[0].samples.expect("sliding window re-converges");
     let ucb = go(PolicyConfig::Ucb1 { c: 1.0 });
-    let rc_ucb = reconvergence(&ucb, &steps, 200, 0.8);
+    let rc_ucb = reconvergence(&ucb, &hindsight, &steps, 200, 0.8);
     assert!(
         rc_ucb[0].samples.is_none_or(|s| s > sw_samples),
         "UCB1 {rc_ucb:?} vs SW {sw_samples}"
     );
+}
+
+#[test]
+fn a_link_emulator_config_replays_as_its_uplink_trace_delays_and_outages() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let lte = EmulatorConfig::load(&repo.join("configs/links/lte.toml")).unwrap();
+    let replay = replay_emulator(&lte).unwrap();
+    assert!(
+        matches!(&replay.trace, TraceSource::Mahimahi { path } if path.ends_with("verizon-lte-60s.up"))
+    );
+    assert_eq!(
+        replay.rtt,
+        simulations::experiment::RttSource::Constant { ms: 40.0 }
+    );
+    assert!(replay.steps.is_empty());
+    let outage = EmulatorConfig::load(&repo.join("configs/links/outage.toml")).unwrap();
+    let steps: Vec<(f64, f64)> = replay_emulator(&outage)
+        .unwrap()
+        .steps
+        .iter()
+        .map(|s| (s.at_s, s.factor))
+        .collect();
+    assert_eq!(steps, [(10.0, 0.0), (15.0, 1.0), (30.0, 0.0), (32.0, 1.0)]);
+    let lossy = EmulatorConfig::load(&repo.join("configs/links/lossy.toml")).unwrap();
+    let error = replay_emulator(&lossy).unwrap_err().to_string();
+    assert!(error.contains("loss"), "{error}");
+    let switched = EmulatorConfig::load(&repo.join("configs/links/lte-to-3g.toml")).unwrap();
+    assert!(replay_emulator(&switched).is_err());
 }
 
 #[test]
@@ -628,17 +789,20 @@ path = "{m}"
 [arrivals]
 kind = "poisson"
 rate_per_s = 20
-[device]
+[clock]
 edge = "recorded"
 cloud_speedup = 5
-encoding = "f16"
-[arms]
+[agent.arms]
 splits = "exits"
 thresholds = [0.8, 0.95]
-[reward]
+[agent.reward]
 kind = "split-ee"
-costs = "abstract"
-lambda = [0.1]
+edge_costs = "layers"
+lambda = 0.1
+offload = 0.2
+[agent.cloud]
+encoding = "f16"
+[sweep]
 offload = [0.2, 0.5]
 [[links]]
 name = "mm"
@@ -678,10 +842,91 @@ baseline = "final"
     ] {
         assert!(out.join(f).metadata().is_ok_and(|m| m.len() > 0), "{f}");
     }
+    assert!(report.contains("best fixed arm per seed"));
     let runs = fs::read_to_string(out.join("runs.csv")).unwrap();
+    // link × o × policy × seed; the eight fixed arms ran too, as the reference.
     assert_eq!(runs.lines().count(), 1 + 2 * 2 * 2);
+    let header: Vec<&str> = runs.lines().next().unwrap().split(',').collect();
+    let share = header
+        .iter()
+        .position(|&c| c == "share_of_best_fixed")
+        .unwrap();
+    let final_share: f64 = runs
+        .lines()
+        .find(|l| l.contains(",final,"))
+        .unwrap()
+        .split(',')
+        .nth(share)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        final_share > 0.0 && final_share <= 1.0 + 1e-12,
+        "{final_share}"
+    );
     // Deterministic: a second run writes the same numbers.
     let again = dir.path().join("again");
     run_experiment(&Prepared::new(cfg, &m).unwrap(), &again, false).unwrap();
     assert_eq!(runs, fs::read_to_string(again.join("runs.csv")).unwrap());
+}
+
+#[test]
+fn every_shipped_experiment_prepares() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    // Experiments name their files relative to the repository root.
+    std::env::set_current_dir(&repo).unwrap();
+    let mut seen = 0;
+    for entry in fs::read_dir("configs").unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !(name.starts_with("exp") && name.ends_with(".toml")) {
+            continue;
+        }
+        let cfg = ExperimentConfig::load(&path).unwrap();
+        let matrix = cfg.matrix.load(None).unwrap();
+        Prepared::new(cfg, &matrix).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        seen += 1;
+    }
+    assert!(seen >= 3);
+}
+
+#[test]
+fn every_shipped_agent_config_means_the_same_to_the_simulator() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut paths = vec![
+        repo.join("configs/edge-agent.toml"),
+        repo.join("configs/demo.toml"),
+    ];
+    for entry in fs::read_dir(repo.join("configs/edge")).unwrap() {
+        paths.push(entry.unwrap().path());
+    }
+    for path in paths {
+        let text = fs::read_to_string(&path).unwrap();
+        // The demo's config gets its address and CA from the demo; the agent needs them.
+        let live = simulations::demo::agent_config_for(&text, Path::new("ca.pem"))
+            .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        let simulated = simulations::experiment::AgentTables::from_file(&path).unwrap();
+        simulated.validate().unwrap();
+        let name = path.display();
+        assert_eq!(simulated.arms, live.arms, "{name}");
+        assert_eq!(simulated.reward, live.reward, "{name}");
+        assert_eq!(simulated.policy.as_ref(), Some(&live.policy), "{name}");
+        assert_eq!(simulated.exits, live.exits, "{name}");
+        assert_eq!(simulated.device, live.device, "{name}");
+        assert_eq!(simulated.edge_layers, live.edge_layers, "{name}");
+        assert_eq!(simulated.pipeline.window, live.pipeline.window, "{name}");
+        let cloud = live.cloud.expect("every shipped agent has a cloud");
+        assert_eq!(simulated.cloud.encoding, cloud.encoding, "{name}");
+        assert_eq!(
+            simulated.cloud.request_timeout_ms, cloud.request_timeout_ms,
+            "{name}"
+        );
+        assert_eq!(
+            simulated.cloud.cloud_exit_threshold, cloud.cloud_exit_threshold,
+            "{name}"
+        );
+    }
+    // A key neither the agent nor the simulator knows is an error in both.
+    let typo = "[arms]\nsplits = \"exits\"\nthresholds = [0.9]\n[pipeline]\nwindw = 3\n";
+    assert!(simulations::experiment::AgentTables::from_agent_toml(typo).is_err());
 }

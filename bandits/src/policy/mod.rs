@@ -118,6 +118,13 @@ fn default_c() -> f64 {
     1.0
 }
 
+impl Default for PolicyConfig {
+    /// UCB1 with `c = 1`: what an agent config without a `[policy]` plays.
+    fn default() -> Self {
+        PolicyConfig::Ucb1 { c: default_c() }
+    }
+}
+
 fn default_sigma() -> f64 {
     1.0
 }

@@ -9,8 +9,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use super::shaper::Shaper;
-use crate::experiment::TraceSource;
-use crate::network::BaseTrace;
+use crate::network::{BaseTrace, TraceSource};
 
 /// One direction of the link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -238,7 +237,7 @@ impl LinkModel {
         self.check().map_err(anyhow::Error::msg)?;
         let rate = match &self.rate {
             None => None,
-            Some(source) => Some(Arc::new(load_trace(source).context("rate")?)),
+            Some(source) => Some(Arc::new(source.load().context("rate")?)),
         };
         Ok(LinkModel {
             rate,
@@ -249,17 +248,6 @@ impl LinkModel {
             loss: self.loss,
         })
     }
-}
-
-fn load_trace(source: &TraceSource) -> anyhow::Result<BaseTrace> {
-    Ok(match source {
-        TraceSource::Constant { rate_mbps } => {
-            BaseTrace::constant(*rate_mbps).map_err(anyhow::Error::msg)?
-        }
-        TraceSource::Mahimahi { path } => BaseTrace::read_mahimahi(path)?,
-        TraceSource::Norway { path } => BaseTrace::read_norway(path)?,
-        TraceSource::Fivegophers { path, column } => BaseTrace::read_fivegophers(path, column)?,
-    })
 }
 
 impl LinkConfig {
@@ -275,11 +263,7 @@ impl LinkConfig {
     pub fn from_toml(text: &str, base_dir: &Path) -> anyhow::Result<Self> {
         let mut config: LinkConfig = toml::from_str(text)?;
         for model in config.models_mut() {
-            if let Some(
-                TraceSource::Mahimahi { path }
-                | TraceSource::Norway { path }
-                | TraceSource::Fivegophers { path, .. },
-            ) = &mut model.rate
+            if let Some(path) = model.rate.as_mut().and_then(TraceSource::path_mut)
                 && path.is_relative()
             {
                 *path = base_dir.join(&*path);
