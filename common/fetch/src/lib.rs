@@ -255,14 +255,20 @@ pub fn fetch_model(model: &Path, source: &Source) -> Result<PathBuf> {
 /// the entry already verifies; returns the entry's directory.
 ///
 /// Safe to run concurrently (tests, two terminals): a lock file per entry serialises fetches,
-/// and the second finds the first one's entry.
+/// and the second finds the first one's entry. An entry that verifies is returned before the
+/// lock is taken (entries only ever appear whole, by rename), so a read-only cache that holds
+/// it works too.
 pub fn fetch(spec: &BackboneSpec, cache: &Path, source: &Source) -> Result<PathBuf> {
+    let entry = spec.entry(cache);
+    if entry.exists() && verify_entry(spec, &entry).is_ok() {
+        return Ok(entry);
+    }
     fs::create_dir_all(cache).map_err(io_error(cache))?;
     let lock_path = cache.join(format!(".{}.lock", spec.name));
     let lock = File::create(&lock_path).map_err(io_error(&lock_path))?;
     lock.lock().map_err(io_error(&lock_path))?;
 
-    let entry = spec.entry(cache);
+    // Again under the lock: another fetch may have finished (or replaced a bad entry) since.
     if entry.exists() {
         match verify_entry(spec, &entry) {
             Ok(()) => return Ok(entry),
