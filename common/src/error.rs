@@ -52,6 +52,9 @@ pub enum Error {
     Shape(String),
     #[error("backend: {0}")]
     Backend(String),
+    /// A backbone kept in the cache: not fetched, or not the pinned file.
+    #[error(transparent)]
+    Backbone(#[from] splitee_fetch::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

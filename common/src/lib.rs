@@ -1,5 +1,5 @@
-//! splitee's shared core: the multi-exit BERT model that both the edge agent and the cloud
-//! worker run (each its own range of layers), its tokenizer, weights and identity.
+//! splitee's shared core: the multi-exit encoder (BERT or MPNet) that both the edge agent and
+//! the cloud worker run (each its own range of layers), its tokenizer, weights and identity.
 
 pub mod config;
 pub mod dataset;
@@ -15,10 +15,12 @@ pub mod tokenize;
 pub mod transport;
 pub mod weights;
 
-pub use config::{Activation, BertConfig, ExitConfig, Pooling};
+pub use config::{Activation, BertConfig, ExitConfig, Family, Pooling};
 pub use device::BackendChoice;
 pub use error::{Error, Result};
 pub use fingerprint::Fingerprint;
 pub use model::{Hidden, MultiExitBert, PaddingMask};
 pub use model_dir::{LoadedModel, ModelDir, save_model};
+/// The fetcher of cached backbones (`fetch-model`), re-exported for the binaries and tests.
+pub use splitee_fetch as fetch;
 pub use tokenize::{Batch, Encoding, Tokenizer};

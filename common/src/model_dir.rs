@@ -4,18 +4,28 @@
 //!
 //! | file | content |
 //! |---|---|
-//! | `config.json` | HF BERT config |
+//! | `config.json` | HF config (`model_type` `bert` or `mpnet`) |
 //! | `tokenizer.json` | HF tokenizers file |
 //! | `model.safetensors` | backbone, HF tensor names and layout |
+//! | `backbone.json` | instead of `model.safetensors`: the cached backbone ([`BackboneSpec`]) |
 //! | `exits.json` | [`ExitConfig`]: which layers carry exits, labels, pooling (optional) |
 //! | `exits.safetensors` | exit heads, `heads.{k}.classifier.{weight,bias}` (optional) |
 //!
 //! Without `exits.json` the model gets an untrained two-class exit after every layer, so a
 //! plain pretrained encoder (such as all-MiniLM-L6-v2) can be inspected and trained.
+//!
+//! A backbone too large for the repository (all-mpnet-base-v2, 438 MB) stays out of it:
+//! `backbone.json` names its cache entry with the pinned size and SHA-256 of the weights,
+//! `fetch-model` fills the entry (see `splitee_fetch`), and [`ModelDir::open`] resolves the
+//! weights there — failing with the fetch command when they are missing. The weights are
+//! hashed against the pin when loaded, and the fingerprint covers their bytes as it covers a
+//! local file's, so the model's identity does not depend on where its weights are kept.
 
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
+
+use splitee_fetch::{BackboneSpec, SPEC_FILE};
 
 use crate::config::{BertConfig, ExitConfig};
 use crate::error::{Error, Result};
@@ -42,6 +52,11 @@ pub struct ModelDir {
     pub exits: ExitConfig,
     /// False when the directory has no trained exit heads.
     pub exits_trained: bool,
+    /// The backbone's weights: the directory's `model.safetensors`, or the cache entry its
+    /// `backbone.json` names.
+    pub weights: PathBuf,
+    /// `backbone.json`, when the weights are cached: what they must hash to.
+    pub backbone: Option<BackboneSpec>,
 }
 
 /// A model ready to run, with its tokenizer and identity.
@@ -79,16 +94,36 @@ impl ModelDir {
                 path: exit_config_path,
                 message,
             })?;
+        let (weights, backbone) = Self::resolve_weights(path)?;
         Ok(Self {
             path: path.to_owned(),
             config,
             exits,
             exits_trained,
+            weights,
+            backbone,
         })
     }
 
-    pub fn weights_path(&self) -> PathBuf {
-        self.path.join(WEIGHTS_FILE)
+    /// A directory holds its weights or names them in `backbone.json`, never both: two
+    /// candidates would leave the model's identity to a rule the user cannot see.
+    fn resolve_weights(path: &Path) -> Result<(PathBuf, Option<BackboneSpec>)> {
+        let local = path.join(WEIGHTS_FILE);
+        let spec_path = path.join(SPEC_FILE);
+        if !spec_path.is_file() {
+            return Ok((local, None));
+        }
+        if local.exists() {
+            return Err(Error::Config {
+                path: spec_path,
+                message: format!(
+                    "the directory also holds {WEIGHTS_FILE}; keep one source of the weights"
+                ),
+            });
+        }
+        let spec = BackboneSpec::from_file(&spec_path)?;
+        let weights = spec.cached_weights(&splitee_fetch::cache_dir()?, path)?;
+        Ok((weights, Some(spec)))
     }
 
     pub fn exit_weights_path(&self) -> PathBuf {
@@ -96,16 +131,12 @@ impl ModelDir {
     }
 
     pub fn tokenizer(&self) -> Result<Tokenizer> {
-        Tokenizer::from_file(
-            &self.path.join(TOKENIZER_FILE),
-            self.config.max_position_embeddings,
-        )
+        Tokenizer::from_file(&self.path.join(TOKENIZER_FILE), self.config.max_tokens())
     }
 
     pub fn fingerprint(&self) -> Result<Fingerprint> {
-        let weights = self.weights_path();
         let exit_weights = self.exit_weights_path();
-        let mut files = vec![weights.as_path()];
+        let mut files = vec![self.weights.as_path()];
         if self.exits_trained {
             files.push(exit_weights.as_path());
         }
@@ -142,13 +173,19 @@ impl ModelDir {
                 .collect(),
             ..self.exits.clone()
         };
+        // A cached file is hashed against its pin before use (~0.3 s for 438 MB): the cache
+        // is outside the repository, where anything may have replaced it since the fetch.
+        if let Some(spec) = &self.backbone {
+            splitee_fetch::verify_file(&self.weights, spec.weights_digest())?;
+        }
         // Weights of the layers and heads left out are in the files but never read: loading
         // ignores tensors the module does not have, and heads keep their order.
+        let family = config.family();
         let mut bert = Bert::init(&config, device);
-        weights::load(&mut bert, &self.weights_path())?;
+        weights::load(&mut bert, &self.weights, family)?;
         let mut heads = ExitHeads::init(config.hidden_size, &exits, device);
         if self.exits_trained {
-            weights::load(&mut heads, &self.exit_weights_path())?;
+            weights::load(&mut heads, &self.exit_weights_path(), family)?;
         }
         Ok(MultiExitBert { bert, exits: heads })
     }
@@ -194,8 +231,9 @@ pub fn save_model(
     let exits = serde_json::to_string_pretty(model.exit_config()).expect("configs serialise");
     std::fs::write(staged(EXIT_CONFIG_FILE), exits).map_err(io(&staged(EXIT_CONFIG_FILE)))?;
     std::fs::copy(tokenizer_json, staged(TOKENIZER_FILE)).map_err(io(tokenizer_json))?;
-    weights::save(&model.bert, &staged(WEIGHTS_FILE), dtype)?;
-    weights::save(&model.exits, &staged(EXIT_WEIGHTS_FILE), dtype)?;
+    let family = model.config().family();
+    weights::save(&model.bert, &staged(WEIGHTS_FILE), dtype, family)?;
+    weights::save(&model.exits, &staged(EXIT_WEIGHTS_FILE), dtype, family)?;
     for name in [
         CONFIG_FILE,
         EXIT_CONFIG_FILE,

@@ -33,11 +33,13 @@ pub struct Batch {
 }
 
 impl Tokenizer {
-    /// Loads `tokenizer.json`, truncating at `max_len` tokens (`[CLS]`/`[SEP]` included).
+    /// Loads `tokenizer.json`, truncating at `max_len` tokens (`[CLS]`/`[SEP]` or `<s>`/`</s>`
+    /// included).
     ///
-    /// MiniLM's shipped `tokenizer.json` pads and truncates to 128 built in; both are replaced
-    /// here: truncation moves to the model's real limit and padding is done per batch by
-    /// [`Tokenizer::batch`], so a single text is never padded.
+    /// MiniLM's and all-mpnet-base-v2's shipped `tokenizer.json` pad and truncate to 128 built
+    /// in; both are replaced here: truncation moves to the model's real limit and padding is
+    /// done per batch by [`Tokenizer::batch`], so a single text is never padded. The pad id is
+    /// kept from the shipped padding (`[PAD]` = 0, `<pad>` = 1).
     pub fn from_file(path: &Path, max_len: usize) -> Result<Self> {
         let error = |message: String| Error::Tokenizer {
             path: path.to_owned(),

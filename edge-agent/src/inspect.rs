@@ -23,13 +23,14 @@ pub fn run(
     let (backbone_params, exit_params) = loaded.model.param_counts();
     println!("model        {}", model_dir.display());
     println!(
-        "architecture BERT, {} layers, hidden {}, {} heads, FFN {}, vocab {}, max {} tokens",
+        "architecture {}, {} layers, hidden {}, {} heads, FFN {}, vocab {}, max {} tokens",
+        config.family().name(),
         config.num_hidden_layers,
         config.hidden_size,
         config.num_attention_heads,
         config.intermediate_size,
         config.vocab_size,
-        config.max_position_embeddings
+        config.max_tokens()
     );
     println!(
         "parameters   {backbone_params} backbone + {exit_params} in {} exits (after layers {:?}, {} pooling{})",

