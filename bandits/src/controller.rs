@@ -1,7 +1,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::arms::{Arm, ArmIndex, ArmSpace};
-use crate::decision::{Decision, DecisionRule, SampleDecision};
+use crate::decision::{Decision, DecisionRule};
 use crate::error::BanditError;
 use crate::measure::ExitsConfig;
 use crate::observation::Observation;
@@ -14,9 +14,8 @@ use crate::settle::{self, Reported, SampleReport, Settlement};
 /// space, the per-sample rule, the reward and the learning policy.
 ///
 /// Per sample: [`select`](Self::select) an arm, run the device with a
-/// [`SampleDecision`] from [`start_sample`](Self::start_sample) (or call
-/// [`decide`](crate::decide) on a full row), build the [`Observation`], then
-/// [`learn`](Self::learn). No step allocates.
+/// [`DevicePass`] from [`device_pass`](Self::device_pass), report what happened, then
+/// [`settle`](Self::settle). No step allocates.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "ControllerRepr")]
 pub struct Controller {
@@ -82,11 +81,6 @@ impl Controller {
         let index = self.policy.select();
         // The policy was built for exactly `space.len()` arms.
         (index, self.space.arms()[index.0])
-    }
-
-    /// The exit/offload state machine for one sample played with `arm`.
-    pub fn start_sample(&self, arm: Arm) -> SampleDecision {
-        SampleDecision::new(arm, self.rule, self.space.num_layers())
     }
 
     /// A device pass for this controller's rule over a model with exit heads after

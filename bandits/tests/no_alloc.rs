@@ -1,12 +1,12 @@
-//! `select`, `update`, `update_side` and `Controller::learn` must not allocate: counted with a
-//! global allocator wrapper.
+//! `select`, `update`, `update_side`, a device pass and `Controller::settle` must not allocate:
+//! counted with a global allocator wrapper.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
 use splitee_bandits::{
-    ArmIndex, ArmSpace, Controller, CostModel, DecisionRule, Observation, Policy, PolicyConfig,
-    RewardKind, RewardModel, RewardRange,
+    ArmIndex, ArmSpace, CloudAnswered, Controller, CostModel, Decision, DecisionRule, ExitsConfig,
+    OffloadFailed, Policy, PolicyConfig, Reported, RewardKind, RewardModel, RewardRange, Step,
 };
 
 struct Counting;
@@ -91,27 +91,48 @@ fn decisions_do_not_allocate() {
         None,
     )
     .unwrap();
-    let row = [
+    // Exit probabilities of a 12-layer sample, as a driver reads them from its model.
+    let row: Vec<[f32; 2]> = [
         0.55, 0.6, 0.7, 0.75, 0.79, 0.85, 0.9, 0.9, 0.92, 0.95, 0.96, 0.97,
-    ];
+    ]
+    .iter()
+    .map(|&p: &f32| [1.0 - p, p])
+    .collect();
+    let layers: Vec<usize> = (1..=12).collect();
+    let mut pass = controller
+        .device_pass(&layers, ExitsConfig::default(), true)
+        .unwrap();
     let before = allocations();
-    for _ in 0..1000 {
+    for t in 0..1000 {
         let (index, arm) = controller.select();
-        let mut sample = controller.start_sample(arm);
-        let mut decision = None;
-        for (j, &c) in row.iter().enumerate() {
-            if let splitee_bandits::Step::Done(d) = sample.observe(j + 1, Some(c)).unwrap() {
-                decision = Some(d);
-                break;
-            }
-        }
-        let obs = match decision.unwrap() {
-            splitee_bandits::Decision::Exit { layer } => Observation::exited(&row[..layer], layer),
-            splitee_bandits::Decision::Offload { after } => {
-                Observation::offloaded(&row[..after], after, row[11])
+        pass.start(arm);
+        let decision = loop {
+            let layer = pass.next_layer().unwrap();
+            let probs = pass.wants_head(layer).then(|| &row[layer - 1][..]);
+            if let Step::Done(d) = pass.observe(layer, probs, layer as f64).unwrap() {
+                break d;
             }
         };
-        controller.learn(index, &obs).unwrap();
+        let outcome = match decision {
+            Decision::Exit { layer } => Reported::Exited { layer },
+            Decision::Offload { after } if t % 5 == 0 => Reported::Failed(OffloadFailed {
+                after,
+                waited_ms: 100.0,
+                bytes_sent: 1000,
+                finish_layer: 12,
+                confidence: pass.answer_confidence(&row[11]),
+                finish_ms: 10.0,
+            }),
+            Decision::Offload { after } => Reported::Answered(CloudAnswered {
+                after,
+                exit_layer: 12,
+                confidence: pass.answer_confidence(&row[11]),
+                round_trip_ms: 40.0,
+                cloud_compute_ms: 5.0,
+                bytes_sent: 1000,
+            }),
+        };
+        controller.settle(&pass.report(index, 20, outcome)).unwrap();
     }
     assert_eq!(allocations(), before, "controller");
 }

@@ -258,7 +258,7 @@ impl Agent {
                     next_seq += 1;
                     match self.start_sample(seq, input).await {
                         Started::Answered(record) => {
-                            held.insert(seq, (record, None));
+                            held.insert(seq, (*record, None));
                         }
                         Started::Offload(sample, request) => {
                             let cloud = self.cloud.clone().expect("offloading arms need a cloud");
@@ -308,13 +308,13 @@ impl Agent {
     async fn start_sample(&mut self, seq: u64, input: InputRecord) -> Started {
         let text = match &input.text {
             Ok(text) => text.clone(),
-            Err(error) => return Started::Answered(failed(&input, error.clone())),
+            Err(error) => return Started::Answered(Box::new(failed(&input, error.clone()))),
         };
         let (index, arm) = self.controller.select();
         let started = Instant::now();
         let mut pass = match self.edge.run(text, arm).await {
             Ok(pass) => pass,
-            Err(error) => return Started::Answered(failed(&input, format!("{error:#}"))),
+            Err(error) => return Started::Answered(Box::new(failed(&input, format!("{error:#}")))),
         };
         match pass.decision {
             Decision::Exit { layer } => {
@@ -331,7 +331,7 @@ impl Agent {
                     .pass
                     .report(index, pass.tokens, Reported::Exited { layer });
                 let settled = self.settle(&report);
-                Started::Answered(answer(
+                Started::Answered(Box::new(answer(
                     &input,
                     &exit,
                     Answered::Device,
@@ -341,7 +341,7 @@ impl Agent {
                     0,
                     settled,
                     None,
-                ))
+                )))
             }
             Decision::Offload { after } => {
                 let hidden = pass
@@ -536,7 +536,7 @@ struct Settled {
 }
 
 enum Started {
-    Answered(SampleRecord),
+    Answered(Box<SampleRecord>),
     Offload(Box<Pending>, OffloadRequest),
 }
 

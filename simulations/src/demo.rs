@@ -497,7 +497,9 @@ impl Progress {
                 bar.set_message(line);
                 bar.inc(1);
             }
-            None if self.done % (self.total / 10).max(1) == 0 || self.done == self.total => {
+            None if self.done.is_multiple_of((self.total / 10).max(1))
+                || self.done == self.total =>
+            {
                 let per_second = self.done as f64 / self.started.elapsed().as_secs_f64();
                 eprintln!(
                     "{}: {}/{} samples, {per_second:.1}/s, {line}",

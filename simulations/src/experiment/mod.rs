@@ -449,17 +449,26 @@ pub struct Hindsight<'a> {
     /// `fixed[k]`: arm `k` played on every sample.
     pub fixed: Vec<&'a RunResult>,
     pub best_arm: usize,
+    /// The best of the arms that never offloaded a sample (early exit on the device alone),
+    /// when there is one: what the split itself adds is measured against it.
+    pub best_local_arm: Option<usize>,
 }
 
 impl<'a> Hindsight<'a> {
     pub fn new(fixed: Vec<&'a RunResult>) -> Self {
-        let mut best_arm = 0;
-        for (k, run) in fixed.iter().enumerate() {
-            if run.reward_sum > fixed[best_arm].reward_sum {
-                best_arm = k;
-            }
+        let best = |candidates: &mut dyn Iterator<Item = usize>| {
+            candidates.fold(None, |best: Option<usize>, k| match best {
+                Some(b) if fixed[b].reward_sum >= fixed[k].reward_sum => Some(b),
+                _ => Some(k),
+            })
+        };
+        let best_arm = best(&mut (0..fixed.len())).expect("at least one arm");
+        let best_local_arm = best(&mut (0..fixed.len()).filter(|&k| fixed[k].offloaded == 0));
+        Hindsight {
+            fixed,
+            best_arm,
+            best_local_arm,
         }
-        Hindsight { fixed, best_arm }
     }
 
     pub fn best_reward(&self) -> f64 {

@@ -17,10 +17,16 @@ use super::{Hindsight, Player, Prepared, Reconvergence, RunRecord, reconvergence
 use crate::plots;
 use crate::sim::RunResult;
 
+/// (link, λ/o point, policy): the runs a summary row averages over seeds.
+type GroupKey = (usize, usize, usize);
+
 /// A run's standing against its best fixed arm.
 struct Standing {
     best_arm: usize,
     best_reward: f64,
+    best_cost: f64,
+    /// Cost per sample of the best arm that never offloads, when one exists.
+    best_local_cost: Option<f64>,
     regret: f64,
     share: Option<f64>,
     pseudo_regret_curve: Vec<f64>,
@@ -39,6 +45,9 @@ struct Aggregate {
     cost_per_sample: f64,
     cum_reward: f64,
     best_fixed_reward: f64,
+    best_fixed_cost: f64,
+    /// Mean cost of the best arm that never offloads (`None` when some seed has none).
+    best_local_cost: Option<f64>,
     regret: f64,
     regret_std: f64,
     /// Mean and lowest share of the best fixed arm's reward (`None` when a best arm's reward
@@ -79,6 +88,12 @@ fn aggregate(runs: &[(&RunResult, &Standing)]) -> Aggregate {
         cost_per_sample: of(&|r| r.mean_cost()),
         cum_reward: of(&|r| r.reward_sum),
         best_fixed_reward: mean(runs.iter().map(|(_, s)| s.best_reward)),
+        best_fixed_cost: mean(runs.iter().map(|(_, s)| s.best_cost)),
+        best_local_cost: runs
+            .iter()
+            .map(|(_, s)| s.best_local_cost)
+            .collect::<Option<Vec<f64>>>()
+            .map(|costs| mean(costs.into_iter())),
         regret,
         regret_std: var.sqrt(),
         share: shares.map(|s| {
@@ -136,6 +151,8 @@ pub fn run_experiment(prepared: &Prepared, out: &Path, progress: bool) -> anyhow
             let standing = Standing {
                 best_arm: h.best_arm,
                 best_reward: h.best_reward(),
+                best_cost: h.fixed[h.best_arm].mean_cost(),
+                best_local_cost: h.best_local_arm.map(|k| h.fixed[k].mean_cost()),
                 regret: h.regret(&r.result),
                 share: h.share(&r.result),
                 pseudo_regret_curve: h.pseudo_regret_curve(&r.result),
@@ -263,14 +280,14 @@ pub fn run_experiment(prepared: &Prepared, out: &Path, progress: bool) -> anyhow
     series_csv.flush()?;
 
     // Aggregates per (link, param, policy).
-    let mut groups: BTreeMap<(usize, usize, usize), Vec<(&RunResult, &Standing)>> = BTreeMap::new();
+    let mut groups: BTreeMap<GroupKey, Vec<(&RunResult, &Standing)>> = BTreeMap::new();
     for (r, policy, s) in &policy_runs {
         groups
             .entry((r.link, r.param, *policy))
             .or_default()
             .push((&r.result, s));
     }
-    let aggs: BTreeMap<(usize, usize, usize), Aggregate> =
+    let aggs: BTreeMap<GroupKey, Aggregate> =
         groups.iter().map(|(k, v)| (*k, aggregate(v))).collect();
 
     let mut summary_csv = csv::Writer::from_path(out.join("summary.csv"))?;
@@ -291,6 +308,8 @@ pub fn run_experiment(prepared: &Prepared, out: &Path, progress: bool) -> anyhow
         "cost_per_sample",
         "cum_reward",
         "best_fixed_reward",
+        "best_fixed_cost",
+        "best_local_cost",
         "regret",
         "regret_std",
         "share_of_best_fixed",
@@ -316,6 +335,8 @@ pub fn run_experiment(prepared: &Prepared, out: &Path, progress: bool) -> anyhow
             a.cost_per_sample.to_string(),
             a.cum_reward.to_string(),
             a.best_fixed_reward.to_string(),
+            a.best_fixed_cost.to_string(),
+            a.best_local_cost.map(|c| c.to_string()).unwrap_or_default(),
             a.regret.to_string(),
             a.regret_std.to_string(),
             a.share.map(|s| s.0.to_string()).unwrap_or_default(),
@@ -441,7 +462,7 @@ fn write_overview(md: &mut String, prepared: &Prepared, label: &str) -> anyhow::
 fn write_cost_cut(
     md: &mut String,
     prepared: &Prepared,
-    aggs: &BTreeMap<(usize, usize, usize), Aggregate>,
+    aggs: &BTreeMap<GroupKey, Aggregate>,
 ) -> anyhow::Result<()> {
     let cfg = &prepared.config;
     let Some(base_name) = &cfg.report.baseline else {
@@ -455,9 +476,15 @@ fn write_cost_cut(
     writeln!(md, "## cost cut against `{base_name}`\n")?;
     writeln!(
         md,
-        "| link | λ / o | policy | cost/sample | cost cut | accuracy | accuracy drop (points) |"
+        "Also against the best arm that never offloads (early exit on the device alone: what \
+         the split itself adds) and the best fixed arm in hindsight; their costs are those \
+         arms' own runs, averaged over seeds.\n"
     )?;
-    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    writeln!(
+        md,
+        "| link | λ / o | policy | cost/sample | cost cut | cut vs best never-offload arm | cut vs best fixed arm | accuracy | accuracy drop (points) | offload rate | share of best fixed arm's reward |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|")?;
     for link in 0..cfg.links.len() {
         for (pi, p) in prepared.params.iter().enumerate() {
             let base = &aggs[&(link, pi, bi)];
@@ -467,17 +494,24 @@ fn write_cost_cut(
                 }
                 let a = &aggs[&(link, pi, qi)];
                 let drop = a.accuracy.zip(base.accuracy).map(|(x, b)| 100.0 * (b - x));
+                let cut = |reference: f64| 100.0 * (1.0 - a.cost_per_sample / reference);
                 writeln!(
                     md,
-                    "| {} | {}{} | {} | {:.3} | {:.1} % | {} | {} |",
+                    "| {} | {}{} | {} | {:.3} | {:.1} % | {} | {:.1} % | {} | {} | {:.3} | {} |",
                     cfg.links[link].name,
                     p.lambda,
                     p.offload.map(|o| format!(" / {o}")).unwrap_or_default(),
                     q.name,
                     a.cost_per_sample,
-                    100.0 * (1.0 - a.cost_per_sample / base.cost_per_sample),
+                    cut(base.cost_per_sample),
+                    a.best_local_cost
+                        .map_or("–".to_owned(), |c| format!("{:.1} %", cut(c))),
+                    cut(a.best_fixed_cost),
                     fmt_opt(a.accuracy, 4),
                     fmt_opt(drop, 2),
+                    a.offload_rate,
+                    a.share
+                        .map_or("–".to_owned(), |(m, _)| format!("{:.1} %", 100.0 * m)),
                 )?;
             }
         }
@@ -585,7 +619,7 @@ fn write_plots(
     prepared: &Prepared,
     out: &Path,
     label: &str,
-    aggs: &BTreeMap<(usize, usize, usize), Aggregate>,
+    aggs: &BTreeMap<GroupKey, Aggregate>,
     policy_runs: &[(&RunRecord, usize, Standing)],
 ) -> anyhow::Result<()> {
     let cfg = &prepared.config;
