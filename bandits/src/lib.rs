@@ -118,6 +118,7 @@
 //! constructors.
 
 mod arms;
+pub mod calibrate;
 mod config;
 mod controller;
 mod decision;
