@@ -30,6 +30,8 @@ const SPLIT: usize = 3;
 const HIDDEN: usize = 384;
 const ROUNDS: usize = 40;
 const THROUGHPUT_SECONDS: f64 = 3.0;
+/// Longer than any exchange here: a timeout is a failure, not a measurement.
+const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -81,6 +83,7 @@ fn main() {
     };
     config.tls.cert = certs.server_cert.clone();
     config.tls.key = certs.server_key.clone();
+    config.tls.client_ca = Some(certs.worker_client_ca.clone());
     config.batching.max_batch_size = 32;
     // A lone request does not wait for company: the latency table measures the path itself.
     config.batching.max_wait_us = 0;
@@ -102,6 +105,7 @@ fn main() {
     let request = |values: &[f32], encoding, request_id| OffloadRequest {
         request_id,
         fingerprint,
+        deadline_ms: TIMEOUT.as_millis() as u32,
         split_layer: SPLIT as u16,
         seq_len: (values.len() / HIDDEN) as u32,
         encoding,
@@ -120,10 +124,14 @@ fn main() {
         let worker = Worker::start(&config, loaded, device.clone()).await.unwrap();
         let addr = worker.local_addr();
         let client = || {
-            let roots = transport::load_certs(&certs.ca_cert).unwrap();
+            let roots = transport::load_certs(&certs.agent_ca).unwrap();
+            let identity = Some((
+                transport::load_certs(&certs.client_cert).unwrap(),
+                transport::load_key(&certs.client_key).unwrap(),
+            ));
             transport::client_endpoint(
                 "127.0.0.1:0".parse().unwrap(),
-                transport::client_config(roots, None).unwrap(),
+                transport::client_config(roots, identity, transport::IDLE_TIMEOUT).unwrap(),
             )
             .unwrap()
         };
@@ -137,7 +145,7 @@ fn main() {
         let mut rtts = Vec::new();
         for _ in 0..300 {
             let started = Instant::now();
-            let response = transport::exchange(&connection, &tiny).await.unwrap();
+            let response = transport::exchange(&connection, &tiny, TIMEOUT).await.unwrap();
             assert!(matches!(response, Response::Error(_)));
             rtts.push(started.elapsed().as_secs_f64());
         }
@@ -169,7 +177,7 @@ fn main() {
                     let frame = encode_request(&req);
                     let serialized = started.elapsed().as_secs_f64();
                     let sent = Instant::now();
-                    let response = transport::exchange(&connection, &frame).await.unwrap();
+                    let response = transport::exchange(&connection, &frame, TIMEOUT).await.unwrap();
                     let round_trip = sent.elapsed().as_secs_f64();
                     let Response::Answer(answer) = response else {
                         panic!("{response:?}")
@@ -247,13 +255,13 @@ fn main() {
                         let mut req = template.clone();
                         req.request_id = (c as u64) << 32 | done;
                         let started = Instant::now();
-                        match transport::offload(&connection, &req).await.unwrap() {
+                        match transport::offload(&connection, &req, TIMEOUT).await.unwrap() {
                             Response::Answer(answer) => {
                                 done += 1;
                                 batch_sum += u64::from(answer.batch_size);
                                 latencies.push(started.elapsed().as_secs_f64());
                             }
-                            Response::Error(error) => panic!("{error:?}"),
+                            other => panic!("{other:?}"),
                         }
                     }
                     connection.close(0u32.into(), b"done");

@@ -3,6 +3,18 @@
 //! Production deployments bring their own PKI; these files exist so that development and
 //! tests run with the same, fully verified TLS as production instead of a "skip
 //! verification" switch (there is none).
+//!
+//! The files go in one directory per holder, so that each holder is given exactly what it
+//! needs and the CA's key is never among what a worker or an agent mounts:
+//!
+//! ```text
+//! certs/ca/      ca.pem, ca.key.pem                        keep offline: signs what all trust
+//! certs/worker/  server.pem, server.key.pem, client-ca.pem what a worker mounts
+//! certs/agent/   client.pem, client.key.pem, ca.pem        what an edge device holds
+//! ```
+//!
+//! Keys are 0600 and `ca/` is 0700, also when `--force` replaces older files: each file is
+//! written under a temporary name created with its mode, then renamed over the old one.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -46,30 +58,57 @@ pub struct GeneratedCerts {
     pub ca_key: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
+    /// The CA certificate again, as the worker's `tls.client_ca`.
+    pub worker_client_ca: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+    /// The CA certificate again, as the agent's `cloud.ca`.
+    pub agent_ca: PathBuf,
+    /// Files of the flat layout of earlier versions found in the directory (a CA key beside
+    /// the worker's files among them): the caller should tell the user to remove them.
+    pub stale: Vec<PathBuf>,
 }
+
+/// The flat layout earlier versions wrote, everything in one directory.
+const STALE_NAMES: [&str; 6] = [
+    "ca.pem",
+    "ca.key.pem",
+    "server.pem",
+    "server.key.pem",
+    "client.pem",
+    "client.key.pem",
+];
 
 impl GeneratedCerts {
     fn in_dir(dir: &Path) -> Self {
+        let (ca, worker, agent) = (dir.join("ca"), dir.join("worker"), dir.join("agent"));
         Self {
-            ca_cert: dir.join("ca.pem"),
-            ca_key: dir.join("ca.key.pem"),
-            server_cert: dir.join("server.pem"),
-            server_key: dir.join("server.key.pem"),
-            client_cert: dir.join("client.pem"),
-            client_key: dir.join("client.key.pem"),
+            ca_cert: ca.join("ca.pem"),
+            ca_key: ca.join("ca.key.pem"),
+            server_cert: worker.join("server.pem"),
+            server_key: worker.join("server.key.pem"),
+            worker_client_ca: worker.join("client-ca.pem"),
+            client_cert: agent.join("client.pem"),
+            client_key: agent.join("client.key.pem"),
+            agent_ca: agent.join("ca.pem"),
+            stale: STALE_NAMES
+                .iter()
+                .map(|name| dir.join(name))
+                .filter(|path| path.exists())
+                .collect(),
         }
     }
 
-    fn all(&self) -> [&Path; 6] {
+    fn all(&self) -> [&Path; 8] {
         [
             &self.ca_cert,
             &self.ca_key,
             &self.server_cert,
             &self.server_key,
+            &self.worker_client_ca,
             &self.client_cert,
             &self.client_key,
+            &self.agent_ca,
         ]
     }
 }
@@ -93,8 +132,14 @@ pub fn gen_certs(options: &CertOptions) -> anyhow::Result<GeneratedCerts> {
             options.out_dir.display()
         );
     }
-    std::fs::create_dir_all(&options.out_dir)
-        .with_context(|| format!("creating {}", options.out_dir.display()))?;
+    for (dir, mode) in [
+        (files.ca_key.parent(), 0o700),
+        (files.server_key.parent(), 0o755),
+        (files.client_key.parent(), 0o755),
+    ] {
+        let dir = dir.expect("every file is in a subdirectory");
+        create_dir(dir, mode)?;
+    }
 
     let (not_before, not_after) = validity(options.days);
     let dated = |mut params: CertificateParams, common_name: &str| {
@@ -131,30 +176,55 @@ pub fn gen_certs(options: &CertOptions) -> anyhow::Result<GeneratedCerts> {
     let client_key = KeyPair::generate()?;
     let client_cert = client_params.signed_by(&client_key, &*ca)?;
 
-    write(&files.ca_cert, &ca.pem(), false)?;
+    let ca_pem = ca.pem();
+    write(&files.ca_cert, &ca_pem, false)?;
     write(&files.ca_key, &ca_key_pem, true)?;
     write(&files.server_cert, &server_cert.pem(), false)?;
     write(&files.server_key, &server_key.serialize_pem(), true)?;
+    write(&files.worker_client_ca, &ca_pem, false)?;
     write(&files.client_cert, &client_cert.pem(), false)?;
     write(&files.client_key, &client_key.serialize_pem(), true)?;
+    write(&files.agent_ca, &ca_pem, false)?;
     Ok(files)
 }
 
-fn write(path: &Path, contents: &str, secret: bool) -> anyhow::Result<()> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+/// Creates `dir` (and its parents) and gives it `mode`, also when it existed.
+fn create_dir(dir: &Path, mode: u32) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     #[cfg(unix)]
-    if secret {
-        // Private keys are readable by their owner only, from the moment they exist.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("restricting {} to {mode:o}", dir.display()))?;
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    Ok(())
+}
+
+/// Writes `contents` under a temporary name beside `path`, created with the file's final mode
+/// (0600 for keys: readable by their owner only from the moment they exist), then renames it
+/// over `path`. An existing file's looser mode therefore never survives a `--force`.
+fn write(path: &Path, contents: &str, secret: bool) -> anyhow::Result<()> {
+    let staged = path.with_extension(format!("tmp-{}", std::process::id()));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
         use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
+        options.mode(if secret { 0o600 } else { 0o644 });
     }
     #[cfg(not(unix))]
     let _ = secret;
     use std::io::Write;
+    let _ = std::fs::remove_file(&staged); // left by an interrupted run of this process id
     options
-        .open(path)
-        .and_then(|mut file| file.write_all(contents.as_bytes()))
+        .open(&staged)
+        .and_then(|mut file| {
+            file.write_all(contents.as_bytes())?;
+            file.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&staged, path))
         .with_context(|| format!("writing {}", path.display()))
 }
 
@@ -213,14 +283,58 @@ mod tests {
         })
         .unwrap();
         assert_ne!(std::fs::read(&files.ca_cert).unwrap(), first);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&files.server_key)
-                .unwrap()
-                .permissions()
-                .mode();
-            assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[cfg(unix)]
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn keys_are_private_and_the_ca_key_is_apart_from_what_a_worker_mounts() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let options = CertOptions {
+            out_dir: dir.path().to_owned(),
+            ..CertOptions::default()
+        };
+        let files = gen_certs(&options).unwrap();
+        let worker_dir = files.server_key.parent().unwrap();
+        let mounted: Vec<_> = std::fs::read_dir(worker_dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(!mounted.iter().any(|name| name.contains("ca.key")), "{mounted:?}");
+        assert_eq!(files.worker_client_ca.parent().unwrap(), worker_dir);
+        assert_ne!(files.ca_key.parent().unwrap(), worker_dir);
+        assert_ne!(files.ca_key.parent().unwrap(), files.client_key.parent().unwrap());
+        for key in [&files.ca_key, &files.server_key, &files.client_key] {
+            assert_eq!(mode(key), 0o600, "{}", key.display());
+            // Someone loosened them; --force must tighten them again.
+            std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o644)).unwrap();
         }
+        std::fs::set_permissions(files.ca_key.parent().unwrap(), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        gen_certs(&CertOptions {
+            force: true,
+            ..options
+        })
+        .unwrap();
+        for key in [&files.ca_key, &files.server_key, &files.client_key] {
+            assert_eq!(mode(key), 0o600, "{} after --force", key.display());
+        }
+        assert_eq!(mode(files.ca_key.parent().unwrap()), 0o700);
+        assert_eq!(mode(&files.server_cert), 0o644);
+        // The flat layout of earlier versions is reported, so that its CA key gets removed.
+        std::fs::write(dir.path().join("ca.key.pem"), "old").unwrap();
+        let again = gen_certs(&CertOptions {
+            out_dir: dir.path().to_owned(),
+            force: true,
+            ..CertOptions::default()
+        })
+        .unwrap();
+        assert_eq!(again.stale, vec![dir.path().join("ca.key.pem")]);
     }
 }

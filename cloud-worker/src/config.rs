@@ -1,5 +1,6 @@
 //! The worker's configuration: a TOML file (see `configs/cloud-worker.toml`), overridden by
-//! command-line flags. Every key has a default, so an empty file is a valid configuration.
+//! command-line flags. Every key has a default, so an empty file is a valid configuration, and
+//! the defaults are the secure ones: mutual TLS, and every share of the worker bounded.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,11 @@ pub struct WorkerConfig {
     pub limits: LimitsConfig,
     /// How long a graceful shutdown waits for in-flight requests before closing connections.
     pub shutdown_timeout_ms: u64,
+    /// Serve clients without certificates on an address beyond loopback. Only the command line
+    /// sets it (`--insecure-no-client-auth`), never a file, so that it cannot be left behind
+    /// in a configuration by accident.
+    #[serde(skip)]
+    pub insecure_no_client_auth: bool,
 }
 
 impl Default for WorkerConfig {
@@ -37,6 +43,7 @@ impl Default for WorkerConfig {
             batching: BatchingConfig::default(),
             limits: LimitsConfig::default(),
             shutdown_timeout_ms: 30_000,
+            insecure_no_client_auth: false,
         }
     }
 }
@@ -49,16 +56,20 @@ pub struct TlsConfig {
     /// PEM private key of the worker.
     pub key: PathBuf,
     /// PEM CA certificate(s) for mutual TLS: clients must present a certificate signed by one
-    /// of them. Without it any client that trusts the worker may connect.
+    /// of them. On by default; without it any client that trusts the worker could connect, so
+    /// the worker then listens on loopback only, unless started with
+    /// `--insecure-no-client-auth`.
     pub client_ca: Option<PathBuf>,
 }
 
 impl Default for TlsConfig {
+    /// The worker's directory of `cloud-worker gen-certs` (everything a worker mounts, and
+    /// nothing more: the CA's key is elsewhere).
     fn default() -> Self {
         Self {
-            cert: PathBuf::from("certs/server.pem"),
-            key: PathBuf::from("certs/server.key.pem"),
-            client_ca: None,
+            cert: PathBuf::from("certs/worker/server.pem"),
+            key: PathBuf::from("certs/worker/server.key.pem"),
+            client_ca: Some(PathBuf::from("certs/worker/client-ca.pem")),
         }
     }
 }
@@ -71,8 +82,9 @@ pub struct BatchingConfig {
     /// Longest a request waits for others to share its batch, counted from the oldest request
     /// in the queue; 0 runs whatever is queued at once.
     pub max_wait_us: u64,
-    /// Most requests admitted at once (read, queued or computing). Beyond it a request gets an
-    /// immediate `busy` error frame. Also bounds the memory held by request bodies.
+    /// Most requests admitted at once (received whole, then queued or computing). Beyond it a
+    /// request gets an immediate `busy` error frame. Also bounds the memory held by decoded
+    /// hidden states.
     pub max_in_flight: usize,
 }
 
@@ -86,16 +98,32 @@ impl Default for BatchingConfig {
     }
 }
 
+/// What one client may hold of the worker. A request takes an in-flight slot only once its
+/// whole frame has arrived; while it arrives it holds receive budget for the body its header
+/// announced, and its bytes are allocated as they come. What does not fit is answered `busy` at
+/// once. A peer is an IP address, which QUIC's address validation (a Retry for every new
+/// connection) makes sure the client really has.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Longest accepted sequence; the model's position limit when absent (and never above it).
     pub max_seq_len: Option<usize>,
-    /// Concurrent request streams one connection may have open.
+    /// Concurrent request streams one connection may have open: its share of the worker
+    /// (QUIC enforces it; the hello tells the client).
     pub max_streams_per_connection: u32,
-    /// Longest wait for the rest of a request once its stream opened: a client that stalls
-    /// mid-frame cannot hold an in-flight slot for longer.
+    /// Milliseconds within which a request frame must arrive whole once its stream opened:
+    /// a stalled or slow request cannot hold its stream and receive budget for longer.
     pub read_timeout_ms: u64,
+    /// Bytes of announced request bodies one connection may be receiving at once.
+    pub receive_bytes_per_connection: usize,
+    /// Bytes of announced request bodies all connections together may be receiving at once.
+    pub receive_bytes: usize,
+    /// Open connections (handshakes included); more are refused.
+    pub max_connections: usize,
+    /// Open connections from one peer.
+    pub max_connections_per_peer: usize,
+    /// In-flight slots the connections of one peer may hold together.
+    pub max_in_flight_per_peer: usize,
     /// Honour the requests' `cloud_exit_threshold` (early exits in the cloud); when false every
     /// request runs to the last layer.
     pub cloud_exits: bool,
@@ -105,8 +133,13 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_seq_len: None,
-            max_streams_per_connection: 256,
-            read_timeout_ms: 10_000,
+            max_streams_per_connection: 32,
+            read_timeout_ms: 3_000,
+            receive_bytes_per_connection: 4 << 20,
+            receive_bytes: 256 << 20,
+            max_connections: 256,
+            max_connections_per_peer: 16,
+            max_in_flight_per_peer: 128,
             cloud_exits: true,
         }
     }
@@ -125,34 +158,70 @@ impl WorkerConfig {
         Ok(config)
     }
 
-    /// Values that parse but cannot work.
+    /// Values that parse but cannot work, and values past what the worker can honour (each
+    /// range below says why it ends where it does); then the listen address against the TLS
+    /// settings.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let b = &self.batching;
+        let (b, l) = (&self.batching, &self.limits);
+        splitee_common::settings::check_ranges(&[
+            // The answer reports its batch size as a u16; a batch pads to one tensor.
+            ("batching.max_batch_size", b.max_batch_size as u64, 1..=1_024),
+            ("batching.max_wait_us", b.max_wait_us, 0..=1_000_000),
+            // Semaphores hold at most 2^61 permits; far fewer requests fit in memory.
+            ("batching.max_in_flight", b.max_in_flight as u64, 1..=65_536),
+            (
+                "limits.max_streams_per_connection",
+                u64::from(l.max_streams_per_connection),
+                1..=65_536,
+            ),
+            ("limits.read_timeout_ms", l.read_timeout_ms, 1..=600_000),
+            // Budgets are counted in u32 permits per request and u64 overall.
+            (
+                "limits.receive_bytes_per_connection",
+                l.receive_bytes_per_connection as u64,
+                1..=u64::from(u32::MAX),
+            ),
+            ("limits.receive_bytes", l.receive_bytes as u64, 1..=1 << 40),
+            ("limits.max_connections", l.max_connections as u64, 1..=1 << 20),
+            (
+                "limits.max_connections_per_peer",
+                l.max_connections_per_peer as u64,
+                1..=1 << 20,
+            ),
+            (
+                "limits.max_in_flight_per_peer",
+                l.max_in_flight_per_peer as u64,
+                1..=65_536,
+            ),
+            (
+                "limits.max_seq_len",
+                l.max_seq_len.map_or(1, |len| len as u64),
+                1..=1 << 20,
+            ),
+            ("shutdown_timeout_ms", self.shutdown_timeout_ms, 0..=3_600_000),
+        ])
+        .map_err(anyhow::Error::msg)?;
         anyhow::ensure!(
-            b.max_batch_size >= 1,
-            "batching.max_batch_size must be at least 1"
+            l.receive_bytes_per_connection <= l.receive_bytes,
+            "limits.receive_bytes_per_connection ({}) is larger than limits.receive_bytes ({})",
+            l.receive_bytes_per_connection,
+            l.receive_bytes
         );
-        anyhow::ensure!(
-            b.max_in_flight >= 1,
-            "batching.max_in_flight must be at least 1"
-        );
-        anyhow::ensure!(
-            b.max_batch_size <= usize::from(u16::MAX),
-            "batching.max_batch_size must be at most {}",
-            u16::MAX
-        );
-        anyhow::ensure!(
-            self.limits.max_streams_per_connection >= 1,
-            "limits.max_streams_per_connection must be at least 1"
-        );
-        anyhow::ensure!(
-            self.limits.max_seq_len != Some(0),
-            "limits.max_seq_len must be at least 1"
-        );
-        anyhow::ensure!(
-            self.limits.read_timeout_ms >= 1,
-            "limits.read_timeout_ms must be at least 1"
-        );
+        if self.insecure_no_client_auth {
+            anyhow::ensure!(
+                self.tls.client_ca.is_none(),
+                "--insecure-no-client-auth and a client CA ({}) contradict each other",
+                self.tls.client_ca.as_deref().unwrap_or(Path::new("")).display()
+            );
+        } else if self.tls.client_ca.is_none() && !self.listen.ip().is_loopback() {
+            anyhow::bail!(
+                "refusing to listen on {} without tls.client_ca: any client that trusts the \
+                 worker's certificate would get answers. Set tls.client_ca (mutual TLS, \
+                 `cloud-worker gen-certs` writes certs/worker/client-ca.pem), listen on \
+                 loopback, or pass --insecure-no-client-auth",
+                self.listen
+            );
+        }
         Ok(())
     }
 
@@ -172,6 +241,58 @@ impl WorkerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn beyond_loopback_the_worker_needs_a_client_ca_or_an_explicit_insecure_flag() {
+        let open = WorkerConfig {
+            tls: TlsConfig {
+                client_ca: None,
+                ..TlsConfig::default()
+            },
+            ..WorkerConfig::default()
+        };
+        let error = open.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("0.0.0.0:4433 without tls.client_ca")
+                && error.contains("--insecure-no-client-auth"),
+            "{error}"
+        );
+        WorkerConfig {
+            listen: "127.0.0.1:4433".parse().unwrap(),
+            ..open.clone()
+        }
+        .validate()
+        .unwrap();
+        WorkerConfig {
+            insecure_no_client_auth: true,
+            ..open.clone()
+        }
+        .validate()
+        .unwrap();
+        let both = WorkerConfig {
+            insecure_no_client_auth: true,
+            ..WorkerConfig::default()
+        };
+        assert!(both.validate().unwrap_err().to_string().contains("contradict"));
+        // The flag cannot come from a file.
+        assert!(WorkerConfig::from_toml("insecure_no_client_auth = true\n").is_err());
+    }
+
+    #[test]
+    fn values_past_what_the_worker_can_honour_are_errors_naming_the_key() {
+        for (toml, key) in [
+            ("[batching]\nmax_in_flight = 18446744073709551615\n", "batching.max_in_flight"),
+            ("[batching]\nmax_batch_size = 100000\n", "batching.max_batch_size"),
+            ("[limits]\nread_timeout_ms = 0\n", "limits.read_timeout_ms"),
+            ("[limits]\nmax_streams_per_connection = 0\n", "limits.max_streams_per_connection"),
+            ("[limits]\nmax_connections_per_peer = 0\n", "limits.max_connections_per_peer"),
+            ("[limits]\nreceive_bytes = 1024\n", "limits.receive_bytes_per_connection"),
+            ("shutdown_timeout_ms = 18446744073709551615\n", "shutdown_timeout_ms"),
+        ] {
+            let error = WorkerConfig::from_toml(toml).unwrap_err().to_string();
+            assert!(error.contains(key), "{toml:?}: {error}");
+        }
+    }
 
     #[test]
     fn the_shipped_example_is_the_default_configuration() {
@@ -194,6 +315,10 @@ mod tests {
             "backend = \"ndarray\"\n[tls]\nclient_ca = \"ca.pem\"\n[batching]\nmax_wait_us = 5\n",
         )
         .unwrap();
+        assert_eq!(
+            WorkerConfig::default().tls.client_ca,
+            Some(PathBuf::from("certs/worker/client-ca.pem"))
+        );
         assert_eq!(config.backend, BackendChoice::Ndarray);
         assert_eq!(config.tls.client_ca, Some(PathBuf::from("ca.pem")));
         assert_eq!(config.max_wait(), Duration::from_micros(5));

@@ -22,9 +22,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve requests until SIGINT/SIGTERM, then finish the in-flight ones and stop.
+    /// Serve requests until SIGINT/SIGTERM, then finish the in-flight ones and stop (a second
+    /// signal stops at once).
     Serve(ServeArgs),
-    /// Create a development CA and server + client certificates signed by it.
+    /// Create a development CA and server + client certificates signed by it, one directory
+    /// per holder: ca/ (keep offline), worker/ (what a worker mounts), agent/.
     GenCerts(GenCertsArgs),
     /// Fetch a model's cached backbone weights (see its backbone.json); idempotent.
     FetchModel(splitee_common::fetch::FetchArgs),
@@ -51,15 +53,20 @@ struct ServeArgs {
     /// Serve no metrics endpoint.
     #[arg(long)]
     no_metrics: bool,
-    /// Server certificate chain, PEM [default: certs/server.pem].
+    /// Server certificate chain, PEM [default: certs/worker/server.pem].
     #[arg(long)]
     cert: Option<PathBuf>,
-    /// Server private key, PEM [default: certs/server.key.pem].
+    /// Server private key, PEM [default: certs/worker/server.key.pem].
     #[arg(long)]
     key: Option<PathBuf>,
-    /// CA certificate(s), PEM, that client certificates must chain to (mutual TLS).
+    /// CA certificate(s), PEM, that client certificates must chain to (mutual TLS)
+    /// [default: certs/worker/client-ca.pem].
     #[arg(long)]
     client_ca: Option<PathBuf>,
+    /// Accept clients without a certificate, also beyond loopback: anyone who trusts the
+    /// worker's certificate gets answers. For closed networks only.
+    #[arg(long, conflicts_with = "client_ca")]
+    insecure_no_client_auth: bool,
     /// Most requests per forward pass [default: 16].
     #[arg(long)]
     max_batch_size: Option<usize>,
@@ -76,7 +83,8 @@ struct ServeArgs {
 
 #[derive(Args)]
 struct GenCertsArgs {
-    /// Directory for ca.pem, ca.key.pem, server.pem, server.key.pem, client.pem, client.key.pem.
+    /// Directory for ca/{ca.pem, ca.key.pem}, worker/{server.pem, server.key.pem,
+    /// client-ca.pem} and agent/{client.pem, client.key.pem, ca.pem}.
     #[arg(long, default_value = "certs")]
     out_dir: PathBuf,
     /// Names (DNS or IP) of the server certificate; repeat for several
@@ -130,12 +138,27 @@ fn gen_certs(args: GenCertsArgs) -> anyhow::Result<()> {
         &files.ca_key,
         &files.server_cert,
         &files.server_key,
+        &files.worker_client_ca,
         &files.client_cert,
         &files.client_key,
+        &files.agent_ca,
     ] {
         println!("  {}", path.display());
     }
-    println!("keep ca.key.pem private; it signs anything that the worker and agents will trust");
+    println!(
+        "give a worker {} and an agent {}; keep {} offline: it signs anything that the worker \
+         and agents will trust",
+        files.server_key.parent().unwrap_or(&options.out_dir).display(),
+        files.client_key.parent().unwrap_or(&options.out_dir).display(),
+        files.ca_key.display()
+    );
+    for path in &files.stale {
+        eprintln!(
+            "warning: {} is left from the flat layout of earlier versions; remove it (a CA key \
+             beside a worker's files lets whoever reads them sign client certificates)",
+            path.display()
+        );
+    }
     Ok(())
 }
 
@@ -167,6 +190,10 @@ fn config(args: &ServeArgs) -> anyhow::Result<WorkerConfig> {
     }
     if let Some(ca) = &args.client_ca {
         config.tls.client_ca = Some(ca.clone());
+    }
+    if args.insecure_no_client_auth {
+        config.tls.client_ca = None;
+        config.insecure_no_client_auth = true;
     }
     if let Some(size) = args.max_batch_size {
         config.batching.max_batch_size = size;
@@ -200,11 +227,20 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .block_on(async move {
             let worker = Worker::start(&config, model, device).await?;
             shutdown_signal().await?;
-            tracing::info!("signal received: graceful shutdown");
-            worker.shutdown().await
+            tracing::info!(
+                "signal received: finishing the admitted requests (a second signal stops at once)"
+            );
+            tokio::select! {
+                stopped = worker.shutdown() => stopped,
+                signal = shutdown_signal() => {
+                    signal?;
+                    anyhow::bail!("second signal: stopped without finishing the in-flight requests")
+                }
+            }
         })
 }
 
+/// SIGINT or SIGTERM (what `systemctl stop` and `docker stop` send), whichever comes first.
 async fn shutdown_signal() -> anyhow::Result<()> {
     #[cfg(unix)]
     {

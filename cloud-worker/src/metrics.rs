@@ -33,7 +33,24 @@ pub struct Metrics {
     pub batch_size: Histogram,
     /// Requests admitted and not yet answered.
     pub in_flight: Gauge,
+    /// Requests run through the model to an answer.
+    pub computed: Counter,
+    /// Admitted requests dropped before their answer was computed (queued or mid-batch): their
+    /// deadline passed or could not be met.
+    pub expired: Counter,
+    /// Admitted requests dropped before their answer was computed: their client reset the
+    /// stream or left.
+    pub cancelled: Counter,
+    /// Layers run for requests dropped in the middle of their batch (expired or cancelled
+    /// there): the compute spent on answers nobody got.
+    pub abandoned_layers: Counter,
+    /// Announced body bytes of the requests being received (the receive budget in use).
+    pub receiving_bytes: Gauge,
     pub connections: Gauge,
+    /// Connections refused at a connection cap (all peers' or one peer's).
+    pub connections_refused: Counter,
+    /// QUIC Retry packets sent: new connection attempts asked to prove their address.
+    pub retries: Counter,
     /// TLS or QUIC handshakes that failed (unknown clients under mutual TLS among them).
     pub handshake_failures: Counter,
 }
@@ -59,7 +76,14 @@ impl Metrics {
             compute: seconds(),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             in_flight: Gauge::default(),
+            computed: Counter::default(),
+            expired: Counter::default(),
+            cancelled: Counter::default(),
+            abandoned_layers: Counter::default(),
+            receiving_bytes: Gauge::default(),
             connections: Gauge::default(),
+            connections_refused: Counter::default(),
+            retries: Counter::default(),
             handshake_failures: Counter::default(),
             registry: Registry::default(),
         };
@@ -107,9 +131,45 @@ impl Metrics {
             metrics.in_flight.clone(),
         );
         registry.register(
+            "computed",
+            "Requests run through the model to an answer",
+            metrics.computed.clone(),
+        );
+        registry.register(
+            "expired",
+            "Requests dropped before their answer: the deadline passed or could not be met",
+            metrics.expired.clone(),
+        );
+        registry.register(
+            "cancelled",
+            "Requests dropped before their answer: the client reset the stream or left",
+            metrics.cancelled.clone(),
+        );
+        registry.register(
+            "abandoned_layers",
+            "Layers run for requests then dropped mid-batch (expired or cancelled there)",
+            metrics.abandoned_layers.clone(),
+        );
+        registry.register_with_unit(
+            "receiving",
+            "Announced body bytes of the requests being received",
+            Unit::Bytes,
+            metrics.receiving_bytes.clone(),
+        );
+        registry.register(
             "connections",
             "Open client connections",
             metrics.connections.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections refused at a connection cap",
+            metrics.connections_refused.clone(),
+        );
+        registry.register(
+            "retries",
+            "QUIC Retry packets sent (address validation of new connections)",
+            metrics.retries.clone(),
         );
         registry.register(
             "handshake_failures",

@@ -11,6 +11,7 @@ pub mod model;
 pub mod model_dir;
 pub mod profile;
 pub mod protocol;
+pub mod settings;
 pub mod tokenize;
 pub mod transport;
 pub mod weights;

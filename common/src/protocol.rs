@@ -1,6 +1,7 @@
 //! The edge ↔ cloud wire protocol, sans I/O: frames in, frames out, no sockets.
 //!
-//! One QUIC bidirectional stream carries one request frame and one response frame. A frame is
+//! One QUIC bidirectional stream carries one frame each way: a request and its response, or,
+//! once per connection, a hello and its welcome. A frame is
 //!
 //! ```text
 //! magic "SPEE" | version u16 LE | kind u8 | body length u32 LE | body (bincode 2, standard config)
@@ -10,14 +11,24 @@
 //! limit) before a single byte of the body is buffered. bincode only ever decodes small
 //! metadata under a 64 KiB limit; the hidden-state payload is the raw remainder of the body,
 //! so no length field inside a frame can make the receiver allocate more than arrived. Semantic
-//! checks (fingerprint, split layer, sequence length, payload size, finite values) follow in
-//! [`OffloadRequest::validate`] and each failure maps to an [`ErrorCode`] for the error frame.
+//! checks (fingerprint, split layer, sequence length, payload size, finite values, deadline)
+//! follow in [`OffloadRequest::validate`] and each failure maps to an [`ErrorCode`] for the
+//! error frame.
+//!
+//! # Versions
+//!
+//! Version 2 added the request's deadline and the hello exchange. Error frames kept their
+//! encoding from version 1 (the `Error` variant, [`ErrorFrame`] and the codes up to
+//! `Internal`), so a client that speaks version 1 still reads why it is refused:
+//! [`encode_error_for_version`].
 
 use bincode::{Decode, Encode};
 use half::f16;
 
 pub const MAGIC: [u8; 4] = *b"SPEE";
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The oldest version whose error frames this side can still write (see "Versions").
+pub const OLDEST_ERROR_VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 11;
 
 /// Limits applied before and while decoding. The cloud worker fills them from its model and
@@ -49,7 +60,24 @@ impl Limits {
 pub enum FrameKind {
     Request = 1,
     Response = 2,
+    /// The first exchange of a connection: the client's model, answered by the worker's
+    /// limits ([`Welcome`]) or an error frame.
+    Hello = 3,
 }
+
+impl FrameKind {
+    fn from_byte(byte: u8) -> Option<Self> {
+        match byte {
+            1 => Some(Self::Request),
+            2 => Some(Self::Response),
+            3 => Some(Self::Hello),
+            _ => None,
+        }
+    }
+}
+
+/// Longest hello body a worker reads: a fingerprint and bincode's framing of it.
+pub const MAX_HELLO_BODY_BYTES: usize = 256;
 
 /// How hidden states are laid out in [`OffloadRequest::payload`].
 #[derive(
@@ -111,6 +139,10 @@ impl ReplyOptions {
 pub struct OffloadRequest {
     pub request_id: u64,
     pub fingerprint: [u8; 32],
+    /// Milliseconds the client waits for the answer, counted by the worker from when the
+    /// request began to arrive. A request the worker cannot answer in time is dropped with a
+    /// `deadline_exceeded` error instead of being computed for a client that has given up.
+    pub deadline_ms: u32,
     /// The last layer run on the edge, 0 for embeddings only.
     pub split_layer: u16,
     /// Real tokens only: padding never crosses the wire.
@@ -120,10 +152,38 @@ pub struct OffloadRequest {
     pub payload: Vec<u8>,
 }
 
+/// The variants' order is part of the wire format: `Error` keeps index 1 (see "Versions").
 #[derive(Debug, Clone, PartialEq, Encode, Decode)]
 pub enum Response {
     Answer(Answer),
     Error(ErrorFrame),
+    Welcome(Welcome),
+}
+
+/// A client's hello: the model it will send hidden states of.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct Hello {
+    pub fingerprint: [u8; 32],
+}
+
+impl Hello {
+    /// Whether the client's model is the worker's (`fingerprint`).
+    pub fn validate(&self, fingerprint: &[u8; 32]) -> Result<(), ProtocolError> {
+        check_fingerprint(&self.fingerprint, fingerprint)
+    }
+}
+
+/// The worker's answer to a hello whose model matched: what it will accept on this
+/// connection, so the client can stay within it instead of learning it request by request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub struct Welcome {
+    /// Requests this connection may have open at once (its share of the worker).
+    pub max_streams: u32,
+    /// Longest sequence a request may carry.
+    pub max_seq_len: u32,
+    pub num_layers: u16,
+    /// Milliseconds within which a whole request frame must arrive once its stream opened.
+    pub receive_timeout_ms: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Encode, Decode)]
@@ -147,6 +207,7 @@ pub struct ErrorFrame {
     pub message: String,
 }
 
+/// Codes are encoded by index: new ones go at the end (see "Versions").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode)]
 pub enum ErrorCode {
     Malformed,
@@ -161,6 +222,9 @@ pub enum ErrorCode {
     Busy,
     ShuttingDown,
     Internal,
+    /// The worker could not answer within the request's deadline (it was dropped before
+    /// being computed).
+    DeadlineExceeded,
 }
 
 impl ErrorCode {
@@ -177,6 +241,7 @@ impl ErrorCode {
             Self::Busy => "busy",
             Self::ShuttingDown => "shutting_down",
             Self::Internal => "internal",
+            Self::DeadlineExceeded => "deadline_exceeded",
         }
     }
 }
@@ -198,11 +263,15 @@ impl ProtocolError {
     }
 
     pub fn into_frame(self, request_id: u64) -> Response {
-        Response::Error(ErrorFrame {
+        Response::Error(self.into_error_frame(request_id))
+    }
+
+    pub fn into_error_frame(self, request_id: u64) -> ErrorFrame {
+        ErrorFrame {
             request_id,
             code: self.code,
             message: self.message,
-        })
+        }
     }
 }
 
@@ -224,6 +293,7 @@ fn config() -> bincode::config::Configuration<
 struct RequestMetadata {
     request_id: u64,
     fingerprint: [u8; 32],
+    deadline_ms: u32,
     split_layer: u16,
     seq_len: u32,
     encoding: PayloadEncoding,
@@ -231,13 +301,17 @@ struct RequestMetadata {
 }
 
 fn frame(kind: FrameKind, body: &[u8]) -> Vec<u8> {
-    // Bodies are bounded by the model (a full-length f32 payload is < 1 MiB for BERT-base
+    versioned_frame(PROTOCOL_VERSION, kind, body)
+}
+
+fn versioned_frame(version: u16, kind: FrameKind, body: &[u8]) -> Vec<u8> {
+    // Bodies are bounded by the model (a full-length f32 payload is < 2 MiB for BERT-base
     // sizes); a body past 4 GiB would be a caller bug, not input, and would otherwise be
     // announced with a silently wrapped length.
     let len = u32::try_from(body.len()).expect("frame bodies are smaller than 4 GiB");
     let mut frame = Vec::with_capacity(HEADER_LEN + body.len());
     frame.extend_from_slice(&MAGIC);
-    frame.extend_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    frame.extend_from_slice(&version.to_le_bytes());
     frame.push(kind as u8);
     frame.extend_from_slice(&len.to_le_bytes());
     frame.extend_from_slice(body);
@@ -249,6 +323,7 @@ pub fn encode_request(request: &OffloadRequest) -> Vec<u8> {
     let metadata = RequestMetadata {
         request_id: request.request_id,
         fingerprint: request.fingerprint,
+        deadline_ms: request.deadline_ms,
         split_layer: request.split_layer,
         seq_len: request.seq_len,
         encoding: request.encoding,
@@ -292,6 +367,7 @@ pub fn encode_response(response: &Response) -> Vec<u8> {
             let request_id = match response {
                 Response::Answer(answer) => answer.request_id,
                 Response::Error(error) => error.request_id,
+                Response::Welcome(_) => 0,
             };
             let problem = match result {
                 Ok(body) => format!(
@@ -311,39 +387,69 @@ pub fn encode_response(response: &Response) -> Vec<u8> {
     frame(FrameKind::Response, &body)
 }
 
-/// Checks a frame header and returns the body length it announces.
+/// Encodes an error frame in the framing of `version`, for a client that speaks an older
+/// protocol (as old as [`OLDEST_ERROR_VERSION`]): error frames kept their encoding, so it can
+/// read why it is refused. Codes added after its version are sent as `internal`.
+pub fn encode_error_for_version(error: &ErrorFrame, version: u16) -> Vec<u8> {
+    if version >= PROTOCOL_VERSION || version < OLDEST_ERROR_VERSION {
+        return encode_response(&Response::Error(error.clone()));
+    }
+    let code = match error.code {
+        ErrorCode::DeadlineExceeded => ErrorCode::Internal,
+        code => code,
+    };
+    let current = encode_response(&Response::Error(ErrorFrame {
+        code,
+        ..error.clone()
+    }));
+    versioned_frame(version, FrameKind::Response, &current[HEADER_LEN..])
+}
+
+/// The version a frame header claims, if it is a splitee header at all.
+pub fn header_version(header: &[u8; HEADER_LEN]) -> Option<u16> {
+    (header[..4] == MAGIC).then(|| u16::from_le_bytes([header[4], header[5]]))
+}
+
+/// Checks a frame header and returns its kind, one of `accepted`, and the body length it
+/// announces, at most `max_body_bytes(kind)`.
 pub fn decode_header(
     header: &[u8; HEADER_LEN],
-    expected: FrameKind,
-    max_body_bytes: usize,
-) -> Result<usize, ProtocolError> {
-    if header[..4] != MAGIC {
+    accepted: &[FrameKind],
+    max_body_bytes: impl Fn(FrameKind) -> usize,
+) -> Result<(FrameKind, usize), ProtocolError> {
+    let Some(version) = header_version(header) else {
         return Err(ProtocolError::new(
             ErrorCode::Malformed,
             "not a splitee frame (bad magic)",
         ));
-    }
-    let version = u16::from_le_bytes([header[4], header[5]]);
+    };
     if version != PROTOCOL_VERSION {
         return Err(ProtocolError::new(
             ErrorCode::UnsupportedVersion,
-            format!("protocol version {version}, this side speaks {PROTOCOL_VERSION}"),
+            format!(
+                "protocol version {version}, this side speaks {PROTOCOL_VERSION}: upgrade the \
+                 {} side",
+                if version < PROTOCOL_VERSION { "sending" } else { "receiving" }
+            ),
         ));
     }
-    if header[6] != expected as u8 {
-        return Err(ProtocolError::new(
-            ErrorCode::Malformed,
-            format!("frame kind {} where {expected:?} was expected", header[6]),
-        ));
-    }
+    let kind = FrameKind::from_byte(header[6])
+        .filter(|kind| accepted.contains(kind))
+        .ok_or_else(|| {
+            ProtocolError::new(
+                ErrorCode::Malformed,
+                format!("frame kind {} where {accepted:?} was expected", header[6]),
+            )
+        })?;
     let len = u32::from_le_bytes([header[7], header[8], header[9], header[10]]) as usize;
-    if len > max_body_bytes {
+    let max = max_body_bytes(kind);
+    if len > max {
         return Err(ProtocolError::new(
             ErrorCode::FrameTooLarge,
-            format!("frame body of {len} bytes exceeds the limit of {max_body_bytes}"),
+            format!("{kind:?} frame body of {len} bytes exceeds the limit of {max}"),
         ));
     }
-    Ok(len)
+    Ok((kind, len))
 }
 
 /// Splits a complete in-memory frame into its checked body.
@@ -364,7 +470,7 @@ fn frame_body(
                 ),
             )
         })?;
-    let len = decode_header(header, expected, max_body_bytes)?;
+    let (_, len) = decode_header(header, &[expected], |_| max_body_bytes)?;
     let body = &frame[HEADER_LEN..];
     if body.len() != len {
         return Err(ProtocolError::new(
@@ -419,6 +525,7 @@ pub fn decode_request_body(body: &[u8]) -> Result<OffloadRequest, ProtocolError>
     Ok(OffloadRequest {
         request_id: metadata.request_id,
         fingerprint: metadata.fingerprint,
+        deadline_ms: metadata.deadline_ms,
         split_layer: metadata.split_layer,
         seq_len: metadata.seq_len,
         encoding: metadata.encoding,
@@ -431,20 +538,42 @@ pub fn decode_response(frame: &[u8]) -> Result<Response, ProtocolError> {
     decode_metadata(frame_body(frame, FrameKind::Response, MAX_METADATA_BYTES)?)
 }
 
+pub fn encode_hello(hello: &Hello) -> Vec<u8> {
+    let body = bincode::encode_to_vec(hello, config()).expect("a hello encodes");
+    frame(FrameKind::Hello, &body)
+}
+
+/// Decodes the body of a hello frame whose header was checked with [`decode_header`].
+pub fn decode_hello_body(body: &[u8]) -> Result<Hello, ProtocolError> {
+    decode_metadata(body)
+}
+
 /// The largest response frame a client needs to accept.
 pub const MAX_RESPONSE_FRAME: usize = HEADER_LEN + MAX_METADATA_BYTES;
+
+/// `theirs` (a client's model) against `ours` (the worker's).
+fn check_fingerprint(theirs: &[u8; 32], ours: &[u8; 32]) -> Result<(), ProtocolError> {
+    if theirs == ours {
+        return Ok(());
+    }
+    Err(ProtocolError::new(
+        ErrorCode::WrongFingerprint,
+        format!(
+            "model fingerprint {} does not match the worker's {}",
+            hex(&theirs[..8]),
+            hex(&ours[..8])
+        ),
+    ))
+}
 
 impl OffloadRequest {
     /// Checks the request against the worker's model. `fingerprint` is the worker's own.
     pub fn validate(&self, fingerprint: &[u8; 32], limits: &Limits) -> Result<(), ProtocolError> {
-        if &self.fingerprint != fingerprint {
+        check_fingerprint(&self.fingerprint, fingerprint)?;
+        if self.deadline_ms == 0 {
             return Err(ProtocolError::new(
-                ErrorCode::WrongFingerprint,
-                format!(
-                    "model fingerprint {} does not match the worker's {}",
-                    hex(&self.fingerprint[..8]),
-                    hex(&fingerprint[..8])
-                ),
+                ErrorCode::Malformed,
+                "deadline of 0 ms: the request was over before it was sent",
             ));
         }
         let split = usize::from(self.split_layer);
@@ -505,6 +634,47 @@ impl OffloadRequest {
             self.seq_len as usize,
             hidden_size,
         )
+    }
+}
+
+/// Everything the worker does with bytes off the wire before they reach the model, for the
+/// cargo-fuzz target (`common/fuzz`) and the stable million-input test below: any panic (or an
+/// allocation from a length that was not checked) is a bug, and a request that decodes must
+/// survive re-encoding byte for byte.
+#[cfg(any(test, fuzzing))]
+pub fn check_untrusted_input(data: &[u8], limits: &Limits) {
+    if let Some(header) = data.first_chunk::<HEADER_LEN>() {
+        let _ = decode_header(header, &[FrameKind::Request, FrameKind::Hello], |kind| {
+            match kind {
+                FrameKind::Hello => MAX_HELLO_BODY_BYTES,
+                _ => limits.max_body_bytes,
+            }
+        });
+        let body = &data[HEADER_LEN..];
+        let _ = decode_request_body(body);
+        if let Ok(hello) = decode_hello_body(body) {
+            let _ = hello.validate(&[0; 32]);
+        }
+    }
+    if let Ok(request) = decode_request(data, limits.max_body_bytes) {
+        // Any fingerprint is accepted so that validation and payload decoding are reached.
+        if request.validate(&request.fingerprint, limits).is_ok() {
+            let _ = request.hidden_states(limits.hidden_size);
+        }
+        // Bytes, not values, are compared: a NaN threshold is never equal to itself.
+        let reencoded = encode_request(&request);
+        let again = decode_request(&reencoded, usize::MAX).expect("a re-encoded request decodes");
+        assert_eq!(
+            encode_request(&again),
+            reencoded,
+            "a decoded request must survive re-encoding"
+        );
+    }
+    if let Ok(response) = decode_response(data) {
+        let _ = encode_response(&response);
+        if let Response::Error(error) = &response {
+            let _ = encode_error_for_version(error, OLDEST_ERROR_VERSION);
+        }
     }
 }
 
@@ -651,6 +821,7 @@ mod tests {
         OffloadRequest {
             request_id: 42,
             fingerprint: FINGERPRINT,
+            deadline_ms: 2_000,
             split_layer: 3,
             seq_len: seq_len as u32,
             encoding,
@@ -725,6 +896,9 @@ mod tests {
         let mut r = good.clone();
         r.seq_len = 5;
         assert_eq!(check(&r), ErrorCode::WrongShape);
+        let mut r = good.clone();
+        r.deadline_ms = 0;
+        assert_eq!(check(&r), ErrorCode::Malformed);
         let mut r = good.clone();
         r.options.cloud_exit_threshold = Some(f32::NAN);
         assert_eq!(check(&r), ErrorCode::Malformed);
@@ -820,6 +994,172 @@ mod tests {
         assert_eq!((error.request_id, error.code), (3, ErrorCode::Internal));
     }
 
+    #[test]
+    fn a_hello_round_trips_and_names_a_mismatched_model() {
+        let hello = Hello {
+            fingerprint: FINGERPRINT,
+        };
+        let frame = encode_hello(&hello);
+        let header = frame.first_chunk::<HEADER_LEN>().unwrap();
+        let (kind, len) =
+            decode_header(header, &[FrameKind::Request, FrameKind::Hello], |kind| {
+                if kind == FrameKind::Hello {
+                    MAX_HELLO_BODY_BYTES
+                } else {
+                    0
+                }
+            })
+            .unwrap();
+        assert_eq!((kind, len), (FrameKind::Hello, frame.len() - HEADER_LEN));
+        let decoded = decode_hello_body(&frame[HEADER_LEN..]).unwrap();
+        assert_eq!(decoded, hello);
+        decoded.validate(&FINGERPRINT).unwrap();
+        let error = decoded.validate(&[1; 32]).unwrap_err();
+        assert_eq!(error.code, ErrorCode::WrongFingerprint);
+        assert!(error.message.contains("0707070707070707"), "{}", error.message);
+        // A hello where only requests are accepted, and one over the hello limit.
+        assert_eq!(
+            code(decode_header(header, &[FrameKind::Request], |_| 1 << 20)),
+            ErrorCode::Malformed
+        );
+        assert_eq!(
+            code(decode_header(header, &[FrameKind::Hello], |_| 4)),
+            ErrorCode::FrameTooLarge
+        );
+    }
+
+    /// What a version-1 client does with a response: its header check wanted version 1, and
+    /// its `Response` had two variants (`Answer`, `Error`) and codes up to `Internal`.
+    fn decode_as_version_one(frame: &[u8]) -> Result<ErrorFrame, String> {
+        let header = frame.first_chunk::<HEADER_LEN>().ok_or("short frame")?;
+        if header_version(header) != Some(1) || header[6] != FrameKind::Response as u8 {
+            return Err(format!("header {header:?} is not a version-1 response"));
+        }
+        match decode_metadata::<Response>(&frame[HEADER_LEN..]).map_err(|e| e.to_string())? {
+            Response::Error(error) if (error.code as u8) <= ErrorCode::Internal as u8 => Ok(error),
+            other => Err(format!("{other:?} is not a version-1 error frame")),
+        }
+    }
+
+    #[test]
+    fn an_older_client_reads_why_it_is_refused() {
+        let mut old_header = encode_request(&request(1, PayloadEncoding::F32));
+        old_header[4..6].copy_from_slice(&1u16.to_le_bytes());
+        let header = old_header.first_chunk::<HEADER_LEN>().unwrap();
+        let error = decode_header(header, &[FrameKind::Request], |_| 1 << 20).unwrap_err();
+        assert_eq!(error.code, ErrorCode::UnsupportedVersion);
+        assert!(
+            error.message.contains("version 1, this side speaks 2"),
+            "{}",
+            error.message
+        );
+        let version = header_version(header).unwrap();
+        let frame = encode_error_for_version(&error.clone().into_error_frame(0), version);
+        let read = decode_as_version_one(&frame).unwrap();
+        assert_eq!((read.code, read.message), (error.code, error.message));
+        // A code version 1 did not have goes out as `internal`, still readable.
+        let late = ErrorFrame {
+            request_id: 3,
+            code: ErrorCode::DeadlineExceeded,
+            message: "late".into(),
+        };
+        let read = decode_as_version_one(&encode_error_for_version(&late, 1)).unwrap();
+        assert_eq!((read.code, read.request_id), (ErrorCode::Internal, 3));
+    }
+
+    /// xorshift64*: a fast, seeded generator, so that a million inputs take about a second
+    /// and a failure is reproducible from its index.
+    struct Generator(u64);
+
+    impl Generator {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+
+        fn bytes(&mut self, len: usize) -> Vec<u8> {
+            (0..len).map(|_| self.next() as u8).collect()
+        }
+    }
+
+    #[test]
+    fn a_million_generated_frames_never_panic() {
+        // Valid frames of every kind to mutate: the generator then reaches the checks past
+        // the header, which random bytes alone almost never do.
+        let mut seeds: Vec<Vec<u8>> = PayloadEncoding::ALL
+            .into_iter()
+            .flat_map(|encoding| [1, 3].map(|seq| encode_request(&request(seq, encoding))))
+            .collect();
+        let mut exiting = request(2, PayloadEncoding::Int8PerToken);
+        exiting.options.cloud_exit_threshold = Some(0.5);
+        seeds.push(encode_request(&exiting));
+        seeds.push(encode_hello(&Hello {
+            fingerprint: FINGERPRINT,
+        }));
+        seeds.push(encode_response(&Response::Welcome(Welcome {
+            max_streams: 32,
+            max_seq_len: 512,
+            num_layers: 6,
+            receive_timeout_ms: 2_000,
+        })));
+        seeds.push(encode_response(&ProtocolError::new(ErrorCode::Busy, "busy").into_frame(9)));
+        let mut generator = Generator(0x5eed_f00d_dead_beef);
+        const INPUTS: usize = 1_000_000;
+        for _ in 0..INPUTS {
+            let seed = &seeds[generator.below(seeds.len())];
+            let input = match generator.below(5) {
+                0 => {
+                    let len = generator.below(80);
+                    generator.bytes(len)
+                }
+                1 => {
+                    let mut input = seed.clone();
+                    for _ in 0..1 + generator.below(4) {
+                        let at = generator.below(input.len());
+                        input[at] ^= 1 + generator.below(255) as u8;
+                    }
+                    input
+                }
+                2 => {
+                    let mut input = seed[..generator.below(seed.len() + 1)].to_vec();
+                    let extra = generator.below(3) * generator.below(40);
+                    input.extend(generator.bytes(extra));
+                    input
+                }
+                3 => {
+                    // A valid header of any kind, announcing the body that follows or not.
+                    let len = generator.below(200);
+                    let mut input = seed[..HEADER_LEN].to_vec();
+                    input[6] = generator.below(5) as u8;
+                    let announced = if generator.below(2) == 0 {
+                        len as u32
+                    } else {
+                        generator.next() as u32
+                    };
+                    input[7..HEADER_LEN].copy_from_slice(&announced.to_le_bytes());
+                    input.extend(generator.bytes(len));
+                    input
+                }
+                _ => {
+                    // Random bytes over part of the metadata, where lengths and tags live.
+                    let mut input = seed.clone();
+                    let start = HEADER_LEN + generator.below(60.min(input.len() - HEADER_LEN));
+                    let end = (start + 1 + generator.below(8)).min(input.len());
+                    let noise = generator.bytes(end - start);
+                    input[start..end].copy_from_slice(&noise);
+                    input
+                }
+            };
+            check_untrusted_input(&input, &LIMITS);
+        }
+    }
+
     fn arb_encoding() -> impl Strategy<Value = PayloadEncoding> {
         prop_oneof![
             Just(PayloadEncoding::F32),
@@ -830,8 +1170,7 @@ mod tests {
 
     fn arb_request() -> impl Strategy<Value = OffloadRequest> {
         (
-            any::<u64>(),
-            any::<[u8; 32]>(),
+            (any::<u64>(), any::<[u8; 32]>(), any::<u32>()),
             any::<u16>(),
             any::<u32>(),
             arb_encoding(),
@@ -839,10 +1178,18 @@ mod tests {
             proptest::collection::vec(any::<u8>(), 0..600),
         )
             .prop_map(
-                |(request_id, fingerprint, split_layer, seq_len, encoding, threshold, payload)| {
+                |(
+                    (request_id, fingerprint, deadline_ms),
+                    split_layer,
+                    seq_len,
+                    encoding,
+                    threshold,
+                    payload,
+                )| {
                     OffloadRequest {
                         request_id,
                         fingerprint,
+                        deadline_ms,
                         split_layer,
                         seq_len,
                         encoding,
@@ -875,7 +1222,7 @@ mod tests {
                 },
             );
         let error =
-            (any::<u64>(), 0usize..11, ".{0,40}").prop_map(|(request_id, code, message)| {
+            (any::<u64>(), 0usize..12, ".{0,40}").prop_map(|(request_id, code, message)| {
                 let codes = [
                     ErrorCode::Malformed,
                     ErrorCode::UnsupportedVersion,
@@ -888,6 +1235,7 @@ mod tests {
                     ErrorCode::Busy,
                     ErrorCode::ShuttingDown,
                     ErrorCode::Internal,
+                    ErrorCode::DeadlineExceeded,
                 ];
                 Response::Error(ErrorFrame {
                     request_id,
@@ -895,7 +1243,17 @@ mod tests {
                     message,
                 })
             });
-        prop_oneof![answer, error]
+        let welcome = any::<(u32, u32, u16, u32)>().prop_map(
+            |(max_streams, max_seq_len, num_layers, receive_timeout_ms)| {
+                Response::Welcome(Welcome {
+                    max_streams,
+                    max_seq_len,
+                    num_layers,
+                    receive_timeout_ms,
+                })
+            },
+        );
+        prop_oneof![answer, error, welcome]
     }
 
     /// Bit-level equality, so that NaN probabilities compare equal to themselves.
@@ -928,7 +1286,7 @@ mod tests {
             let _ = decode_request_body(&bytes);
             let _ = decode_response(&bytes);
             if let Some(header) = bytes.first_chunk::<HEADER_LEN>() {
-                let _ = decode_header(header, FrameKind::Request, 1 << 20);
+                let _ = decode_header(header, &[FrameKind::Request, FrameKind::Hello], |_| 1 << 20);
             }
         }
 

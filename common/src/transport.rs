@@ -4,6 +4,12 @@
 //! frames. One request is one QUIC bidirectional stream: the client writes one request frame
 //! and finishes its half, the server answers one response frame and finishes its half.
 //!
+//! Every exchange has a timeout, and a stream whose answer did not come in time is reset in
+//! both directions ([`STREAM_CANCELLED`]): the worker drops the request (it never computes for
+//! a client that has given up) and the connection, with everything else in flight on it, goes
+//! on. A dead connection is found by QUIC itself: clients send keep-alives, and a connection
+//! that hears nothing for its idle timeout closes.
+//!
 //! Everything TLS here is TLS 1.3 only, on one crypto provider, *ring* (light, and it
 //! cross-compiles to aarch64 with a plain gcc). The provider is always passed explicitly
 //! (`builder_with_provider`), so no process-wide default provider is needed or installed.
@@ -25,13 +31,16 @@
 //! ));
 //! let endpoint = transport::client_endpoint(
 //!     "0.0.0.0:0".parse()?,
-//!     transport::client_config(roots, identity)?,
+//!     transport::client_config(roots, identity, transport::IDLE_TIMEOUT)?,
 //! )?;
 //! let connection = transport::connect(&endpoint, "127.0.0.1:4433".parse()?, "localhost").await?;
-//! // One connection carries any number of concurrent requests, one stream each.
-//! match transport::offload(&connection, &request).await? {
+//! // First, once: is the worker serving our model, and what does it allow this connection?
+//! let timeout = std::time::Duration::from_secs(2);
+//! let welcome = transport::hello(&connection, &request.fingerprint, timeout).await?;
+//! // One connection carries up to `welcome.max_streams` concurrent requests, one stream each.
+//! match transport::offload(&connection, &request, timeout).await? {
 //!     splitee_common::protocol::Response::Answer(answer) => println!("{:?}", answer.probs),
-//!     splitee_common::protocol::Response::Error(error) => println!("{:?}", error.code),
+//!     other => println!("{other:?}"),
 //! }
 //! # Ok(()) }
 //! ```
@@ -56,22 +65,30 @@ pub use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 
 use crate::protocol::{
-    MAX_RESPONSE_FRAME, OffloadRequest, ProtocolError, Response, decode_response, encode_request,
+    ErrorFrame, Hello, MAX_RESPONSE_FRAME, OffloadRequest, ProtocolError, Response, Welcome,
+    decode_response, encode_hello, encode_request,
 };
 
 /// TLS application protocol: a peer speaking anything else fails the handshake.
 pub const ALPN: &[u8] = b"splitee/1";
+
+/// QUIC stream error code with which a client resets both halves of a request it stopped
+/// waiting for (the worker's own early stop is `cloud_worker::server::STOP_ANSWERED_EARLY`).
+pub const STREAM_CANCELLED: u32 = 2;
 
 /// UDP socket send and receive buffer size. Linux's defaults (~200 KiB) dropped about 1% of
 /// packets of 400 KB payloads on loopback; 4 MiB removed the loss. The kernel caps the value
 /// at `net.core.{r,w}mem_max`; [`bind_endpoint`] warns when it did.
 pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 
-/// Idle connections are closed after this long without traffic.
+/// The worker closes a connection after this long without hearing from it; a client may ask
+/// for less (QUIC uses the smaller of the two sides' values). Clients send keep-alives at a
+/// third of their own idle timeout, so a wanted connection survives NAT and a lost ping, and
+/// a dead one is found within that timeout.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Clients ping this often so that an idle but wanted connection survives NAT and the idle
-/// timeout.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// Longest idle timeout QUIC can carry that we accept (it is an integer of milliseconds below
+/// 2^62; far beyond anything useful).
+pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(3_600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -98,6 +115,58 @@ pub enum TransportError {
     Read(#[from] quinn::ReadToEndError),
     #[error("invalid response: {0}")]
     Protocol(#[from] ProtocolError),
+    #[error("no answer within {} ms (the stream was reset)", .0.as_millis())]
+    TimedOut(Duration),
+    #[error("the worker refused ({}): {}", .0.code.name(), .0.message)]
+    Refused(ErrorFrame),
+}
+
+impl TransportError {
+    /// The TLS alert with which the peer ended the connection, if it did. Under mutual TLS this
+    /// is how a worker refuses a client certificate, which in TLS 1.3 the client sees only
+    /// after its own side of the handshake is done: on the first stream, not on connect.
+    pub fn tls_alert(&self) -> Option<u8> {
+        let connection = match self {
+            Self::Connection(error)
+            | Self::Write(quinn::WriteError::ConnectionLost(error))
+            | Self::Read(quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(error))) => {
+                error
+            }
+            _ => return None,
+        };
+        let quinn::ConnectionError::ConnectionClosed(close) = connection else {
+            return None;
+        };
+        // QUIC carries a TLS alert as the transport error 0x100 + alert (RFC 9001, 4.8).
+        let code = u64::from(close.error_code);
+        (0x100..0x200).contains(&code).then_some((code & 0xff) as u8)
+    }
+}
+
+/// What a QUIC connection may hold, per side: streams the peer may open, and the receive
+/// windows that bound the bytes it may send before this side has read them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceiveLimits {
+    /// Bidirectional streams the peer may have open at once.
+    pub max_streams: u32,
+    /// Unread bytes per stream: at least the largest frame the peer may send, so one stream
+    /// never waits on this side's reading to deliver a whole frame.
+    pub stream_window: u64,
+    /// Unread bytes over all streams of the connection.
+    pub connection_window: u64,
+    pub idle_timeout: Duration,
+}
+
+impl ReceiveLimits {
+    /// A client's: it only ever receives response frames, on the streams it opened.
+    pub fn client(idle_timeout: Duration) -> Self {
+        Self {
+            max_streams: 0,
+            stream_window: MAX_RESPONSE_FRAME as u64,
+            connection_window: 4 << 20,
+            idle_timeout,
+        }
+    }
 }
 
 /// The one crypto provider splitee uses.
@@ -137,19 +206,24 @@ fn root_store(roots: Vec<CertificateDer<'static>>) -> Result<RootCertStore, Tran
     Ok(store)
 }
 
-/// QUIC transport settings both sides share; `max_concurrent_bidi_streams` is how many
-/// requests one peer may have open towards this side at once.
-pub fn transport_config(max_concurrent_bidi_streams: u32) -> quinn::TransportConfig {
+/// QUIC transport settings both sides share, with this side's [`ReceiveLimits`] (an idle
+/// timeout beyond [`MAX_IDLE_TIMEOUT`] is cut to it).
+pub fn transport_config(limits: ReceiveLimits) -> quinn::TransportConfig {
+    let idle = limits
+        .idle_timeout
+        .min(MAX_IDLE_TIMEOUT)
+        .try_into()
+        .expect("an hour is a valid QUIC idle timeout");
+    let window = |bytes: u64| quinn::VarInt::from_u64(bytes).unwrap_or(quinn::VarInt::MAX);
     let mut transport = quinn::TransportConfig::default();
     transport
-        .max_concurrent_bidi_streams(max_concurrent_bidi_streams.into())
+        .max_concurrent_bidi_streams(limits.max_streams.into())
         // Clients never accept streams; servers never open them towards clients.
         .max_concurrent_uni_streams(0u32.into())
-        .max_idle_timeout(Some(
-            IDLE_TIMEOUT
-                .try_into()
-                .expect("30 s is a valid idle timeout"),
-        ))
+        .stream_receive_window(window(limits.stream_window))
+        // quinn's default is unbounded: a peer could make this side buffer without limit.
+        .receive_window(window(limits.connection_window))
+        .max_idle_timeout(Some(idle))
         // Radio links lose packets for reasons other than congestion. Loss-based Cubic (the
         // default) shrinks its window at every loss and collapsed under 10 % random loss
         // (1–3 s per 37 KB request through the link emulator); BBR paces on the measured
@@ -165,7 +239,7 @@ pub fn server_config(
     cert_chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     client_ca: Option<Vec<CertificateDer<'static>>>,
-    max_concurrent_bidi_streams: u32,
+    limits: ReceiveLimits,
 ) -> Result<quinn::ServerConfig, TransportError> {
     let provider = crypto_provider();
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -180,15 +254,17 @@ pub fn server_config(
     let mut tls = builder.with_single_cert(cert_chain, key)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
-    config.transport_config(Arc::new(transport_config(max_concurrent_bidi_streams)));
+    config.transport_config(Arc::new(transport_config(limits)));
     Ok(config)
 }
 
-/// Client configuration: the CA certificates the worker's certificate must chain to, and the
-/// client's own chain and key when the worker requires mutual TLS.
+/// Client configuration: the CA certificates the worker's certificate must chain to, the
+/// client's own chain and key when the worker requires mutual TLS, and how long a silent
+/// connection lives (keep-alives go out at a third of it).
 pub fn client_config(
     roots: Vec<CertificateDer<'static>>,
     identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    idle_timeout: Duration,
 ) -> Result<quinn::ClientConfig, TransportError> {
     let builder = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -199,8 +275,8 @@ pub fn client_config(
     };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
-    let mut transport = transport_config(0);
-    transport.keep_alive_interval(Some(KEEP_ALIVE));
+    let mut transport = transport_config(ReceiveLimits::client(idle_timeout));
+    transport.keep_alive_interval(Some(idle_timeout.min(MAX_IDLE_TIMEOUT) / 3));
     config.transport_config(Arc::new(transport));
     Ok(config)
 }
@@ -266,22 +342,48 @@ pub async fn connect(
     Ok(endpoint.connect(addr, server_name)?.await?)
 }
 
-/// Sends one request on its own stream and waits for the response: an answer or an error
-/// frame. Transport failures and undecodable responses are `Err`; an answer whose request id
-/// is not the request's is `Err(Protocol)` too.
+/// Tells the worker which model this client runs (on a stream of its own) and returns what the
+/// worker allows this connection. A worker serving another model answers
+/// [`TransportError::Refused`] with `wrong_fingerprint`.
+pub async fn hello(
+    connection: &Connection,
+    fingerprint: &[u8; 32],
+    timeout: Duration,
+) -> Result<Welcome, TransportError> {
+    let frame = encode_hello(&Hello {
+        fingerprint: *fingerprint,
+    });
+    match exchange(connection, &frame, timeout).await? {
+        Response::Welcome(welcome) => Ok(welcome),
+        Response::Error(error) => Err(TransportError::Refused(error)),
+        Response::Answer(answer) => Err(ProtocolError::new(
+            crate::protocol::ErrorCode::Malformed,
+            format!("an answer (request {}) to a hello", answer.request_id),
+        )
+        .into()),
+    }
+}
+
+/// Sends one request on its own stream and waits for the response, at most `timeout`: an
+/// answer or an error frame. Transport failures, undecodable responses and timeouts are `Err`;
+/// so is a response that is not an answer or error frame for this request.
 pub async fn offload(
     connection: &Connection,
     request: &OffloadRequest,
+    timeout: Duration,
 ) -> Result<Response, TransportError> {
-    let response = exchange(connection, &encode_request(request)).await?;
-    if let Response::Answer(answer) = &response
-        && answer.request_id != request.request_id
-    {
+    let response = exchange(connection, &encode_request(request), timeout).await?;
+    let request_id = match &response {
+        Response::Answer(answer) => answer.request_id,
+        Response::Error(_) => return Ok(response),
+        Response::Welcome(_) => u64::MAX,
+    };
+    if request_id != request.request_id {
         return Err(ProtocolError::new(
             crate::protocol::ErrorCode::Malformed,
             format!(
-                "answer for request {} to request {}",
-                answer.request_id, request.request_id
+                "{response:?} in answer to request {}",
+                request.request_id
             ),
         )
         .into());
@@ -290,20 +392,41 @@ pub async fn offload(
 }
 
 /// [`offload`] for an already encoded frame (any bytes): for callers that time serialisation
-/// separately, and for tests that send malformed frames.
-pub async fn exchange(connection: &Connection, frame: &[u8]) -> Result<Response, TransportError> {
-    let (mut send, mut recv) = connection.open_bi().await?;
-    match send.write_all(frame).await {
-        // Finishing can only fail on a stream that is already closed; then the server has
-        // already answered, and that answer is what matters.
-        Ok(()) => {
-            let _ = send.finish();
+/// separately, and for tests that send malformed frames. Past `timeout` (counted from before
+/// the stream opened) both halves of the stream are reset with [`STREAM_CANCELLED`], so the
+/// worker stops working on it, and [`TransportError::TimedOut`] is returned.
+pub async fn exchange(
+    connection: &Connection,
+    frame: &[u8],
+    timeout: Duration,
+) -> Result<Response, TransportError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let Ok(opened) = tokio::time::timeout_at(deadline, connection.open_bi()).await else {
+        return Err(TransportError::TimedOut(timeout));
+    };
+    let (mut send, mut recv) = opened?;
+    let exchanged = tokio::time::timeout_at(deadline, async {
+        match send.write_all(frame).await {
+            // Finishing can only fail on a stream that is already closed; then the server has
+            // already answered, and that answer is what matters.
+            Ok(()) => {
+                let _ = send.finish();
+            }
+            // The server stopped reading because it answered early (busy, or a bad header):
+            // its answer is on the receive side.
+            Err(quinn::WriteError::Stopped(_)) => {}
+            Err(error) => return Err(TransportError::from(error)),
         }
-        // The server stopped reading because it answered early (busy, or a bad header):
-        // its answer is on the receive side.
-        Err(quinn::WriteError::Stopped(_)) => {}
-        Err(error) => return Err(error.into()),
+        Ok(recv.read_to_end(MAX_RESPONSE_FRAME).await?)
+    })
+    .await;
+    match exchanged {
+        Ok(bytes) => Ok(decode_response(&bytes?)?),
+        Err(_) => {
+            // Errors mean the half is already closed, which is all this wants.
+            let _ = send.reset(STREAM_CANCELLED.into());
+            let _ = recv.stop(STREAM_CANCELLED.into());
+            Err(TransportError::TimedOut(timeout))
+        }
     }
-    let bytes = recv.read_to_end(MAX_RESPONSE_FRAME).await?;
-    Ok(decode_response(&bytes)?)
 }

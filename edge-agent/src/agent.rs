@@ -138,9 +138,13 @@ impl Agent {
         let loaded = dir
             .load_prefix(&device, edge_layers)
             .with_context(|| format!("loading the model {}", config.model.display()))?;
-        let state = config.state_file.as_ref().map(|path| {
-            StateFile::new(path, loaded.fingerprint.to_string(), config.policy.clone())
-        });
+        let state = config
+            .state_file
+            .as_ref()
+            .map(|path| {
+                StateFile::open(path, loaded.fingerprint.to_string(), config.policy.clone())
+            })
+            .transpose()?;
         let (controller, learned) = match &state {
             Some(file) if !fresh_state => match file.restore(&fresh)? {
                 Some((controller, learned)) => {
@@ -173,7 +177,15 @@ impl Agent {
                 let on_change = Box::new(move |up: bool| {
                     gauge.set(i64::from(up));
                 });
-                Some(CloudLink::start(cloud.clone(), on_change).await?)
+                Some(
+                    CloudLink::start(
+                        cloud.clone(),
+                        loaded.fingerprint.0,
+                        config.pipeline.window,
+                        on_change,
+                    )
+                    .await?,
+                )
             }
             None => None,
         };
@@ -246,7 +258,11 @@ impl Agent {
                     held.insert(seq, finished);
                 }
                 () = stop.cancelled(), if accepting => {
-                    tracing::info!("stopping: answering the samples already started");
+                    tracing::info!(
+                        started = next_seq,
+                        in_flight = next_seq - next_out,
+                        "stopping: answering the samples already started"
+                    );
                     accepting = false;
                 }
                 input = inputs.recv(), if accepting && room => {
@@ -264,7 +280,7 @@ impl Agent {
                             let cloud = self.cloud.clone().expect("offloading arms need a cloud");
                             let task = offloads.spawn(async move {
                                 let sent = Instant::now();
-                                let result = cloud.offload(&request).await;
+                                let result = cloud.offload(request).await;
                                 OffloadDone { result, at: Instant::now(), sent }
                             });
                             self.metrics.in_flight.inc();
@@ -351,6 +367,8 @@ impl Agent {
                 let request = OffloadRequest {
                     request_id: self.next_request_id,
                     fingerprint: self.fingerprint.0,
+                    // The link sets it from its timeout and round trip when it sends.
+                    deadline_ms: 0,
                     split_layer: after as u16,
                     seq_len: pass.tokens as u32,
                     encoding: self.encoding,

@@ -1,5 +1,17 @@
-//! The connection to the cloud worker: offloading with a deadline, and reconnecting with
-//! backoff when the worker or the link goes away.
+//! The connection to the cloud worker: a hello when connecting, offloading with a deadline, and
+//! reconnecting with backoff when the worker or the link goes away.
+//!
+//! A connection counts as up once the worker has answered the hello: it serves this agent's
+//! model, and it says what the connection may hold. A worker serving another model disables
+//! offloading with one error (every sample is then answered on the device; the agent looks
+//! again at the longest backoff), and a worker that refuses the agent's certificate is one
+//! error too, retried with growing backoff.
+//!
+//! Each request carries a deadline a little shorter than the agent's wait, so that the worker
+//! drops what it could not answer in time rather than compute it for nobody. A request that
+//! times out resets its own stream and is finished on the device; the connection and everything
+//! else in flight on it go on. A dead connection is QUIC's to find: keep-alives go out at a
+//! third of `cloud.idle_timeout_ms`, and a connection that hears nothing for that long closes.
 //!
 //! The agent never waits for the cloud to come back: while the link is down, an offload fails
 //! at once ([`OffloadFailure::Unreachable`]) and the sample is finished on the device, and a
@@ -11,10 +23,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use quinn::{Connection, Endpoint};
-use splitee_common::protocol::{Answer, ErrorCode, OffloadRequest, Response};
+use splitee_common::protocol::{Answer, ErrorCode, OffloadRequest, Response, Welcome};
 use splitee_common::transport::{self, TransportError};
 
 use crate::config::CloudConfig;
+
+/// Time asked of the worker beyond the round trip, for the answer's way back through the
+/// network stacks and this side's scheduling: the worker is asked to be done that much before
+/// the agent stops waiting.
+const DEADLINE_SLACK: Duration = Duration::from_millis(50);
 
 /// Why the cloud did not answer a sample.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,6 +42,8 @@ pub enum OffloadFailure {
     Timeout(u64),
     #[error("the worker is busy")]
     Busy,
+    #[error("the worker could not answer within the request's deadline")]
+    Deadline,
     #[error("the worker is shutting down")]
     ShuttingDown,
     #[error("the worker rejected the request ({code}): {message}")]
@@ -40,6 +59,7 @@ impl OffloadFailure {
             Self::Unreachable(_) => "unreachable",
             Self::Timeout(_) => "timeout",
             Self::Busy => "busy",
+            Self::Deadline => "deadline",
             Self::ShuttingDown => "shutting_down",
             Self::Rejected { .. } => "rejected",
             Self::ConnectionLost(_) => "connection_lost",
@@ -72,8 +92,8 @@ impl CloudAnswer {
 enum LinkState {
     Connected {
         connection: Connection,
-        /// Requests timed out in a row on this connection.
-        timeouts: u32,
+        /// What the worker allows this connection.
+        welcome: Welcome,
     },
     Connecting,
     Down {
@@ -84,10 +104,25 @@ enum LinkState {
     },
 }
 
+/// Why a connection attempt failed, and how long to wait before the next one.
+struct Failure {
+    reason: String,
+    /// Permanent until the worker changes (another model): look again only at the longest
+    /// backoff, and log it as an error.
+    disabling: bool,
+}
+
 pub struct CloudLink {
     endpoint: Endpoint,
     config: CloudConfig,
+    /// This agent's model, which the hello asks the worker about.
+    fingerprint: [u8; 32],
+    /// Offloads the agent may have in flight (`pipeline.window`), to compare with the share
+    /// the worker allows a connection.
+    window: usize,
     state: Mutex<LinkState>,
+    /// The last connection failure logged: one that repeats is logged once, not every attempt.
+    last_failure: Mutex<Option<String>>,
     /// Called with `true`/`false` whenever the link comes up or goes down.
     on_change: Box<dyn Fn(bool) + Send + Sync>,
 }
@@ -98,6 +133,8 @@ impl CloudLink {
     /// on the device and keeps retrying.
     pub async fn start(
         config: CloudConfig,
+        fingerprint: [u8; 32],
+        window: usize,
         on_change: Box<dyn Fn(bool) + Send + Sync>,
     ) -> anyhow::Result<Arc<Self>> {
         let roots = transport::load_certs(&config.ca)?;
@@ -107,7 +144,7 @@ impl CloudLink {
             }
             _ => None,
         };
-        let client = transport::client_config(roots, identity)?;
+        let client = transport::client_config(roots, identity, config.idle_timeout())?;
         let any_port = match config.address {
             SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
             SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
@@ -116,7 +153,10 @@ impl CloudLink {
             .context("binding the client UDP socket")?;
         let link = Arc::new(Self {
             endpoint,
+            fingerprint,
+            window,
             state: Mutex::new(LinkState::Connecting),
+            last_failure: Mutex::new(None),
             on_change,
             config,
         });
@@ -133,39 +173,52 @@ impl CloudLink {
         matches!(*self.lock(), LinkState::Connected { .. })
     }
 
-    /// Sends `request` and waits for the answer, at most the request timeout.
+    /// Sends `request` with its deadline and waits for the answer, at most the request timeout.
     pub async fn offload(
         self: &Arc<Self>,
-        request: &OffloadRequest,
+        mut request: OffloadRequest,
     ) -> Result<CloudAnswer, OffloadFailure> {
-        let connection = self.connection()?;
-        let frame = splitee_common::protocol::encode_request(request);
-        let started = Instant::now();
+        let (connection, welcome) = self.connection()?;
+        if request.seq_len > welcome.max_seq_len {
+            return Err(OffloadFailure::Rejected {
+                code: ErrorCode::SequenceTooLong.name(),
+                message: format!(
+                    "{} tokens; the worker accepts at most {} (not sent)",
+                    request.seq_len, welcome.max_seq_len
+                ),
+            });
+        }
         let timeout = self.config.request_timeout();
-        let outcome = tokio::time::timeout(timeout, transport::exchange(&connection, &frame)).await;
+        let margin = (connection.rtt() + DEADLINE_SLACK).min(timeout / 2);
+        request.deadline_ms = u32::try_from((timeout - margin).as_millis())
+            .unwrap_or(u32::MAX)
+            .max(1);
+        let frame = splitee_common::protocol::encode_request(&request);
+        let started = Instant::now();
+        let outcome = transport::exchange(&connection, &frame, timeout).await;
         let round_trip_ms = started.elapsed().as_secs_f64() * 1e3;
         match outcome {
-            Err(_) => {
-                self.timed_out(&connection);
-                Err(OffloadFailure::Timeout(self.config.request_timeout_ms))
-            }
-            Ok(Ok(Response::Answer(answer))) if answer.request_id == request.request_id => {
-                self.answered(&connection);
+            Ok(Response::Answer(answer)) if answer.request_id == request.request_id => {
                 Ok(CloudAnswer {
                     answer,
                     round_trip_ms,
                     bytes_sent: frame.len() as u64,
                 })
             }
-            Ok(Ok(Response::Answer(answer))) => Err(OffloadFailure::Rejected {
+            Ok(Response::Answer(answer)) => Err(OffloadFailure::Rejected {
                 code: ErrorCode::Malformed.name(),
                 message: format!(
                     "answer for request {} to request {}",
                     answer.request_id, request.request_id
                 ),
             }),
-            Ok(Ok(Response::Error(error))) => Err(match error.code {
+            Ok(Response::Welcome(_)) => Err(OffloadFailure::Rejected {
+                code: ErrorCode::Malformed.name(),
+                message: format!("a welcome in answer to request {}", request.request_id),
+            }),
+            Ok(Response::Error(error)) => Err(match error.code {
                 ErrorCode::Busy => OffloadFailure::Busy,
+                ErrorCode::DeadlineExceeded => OffloadFailure::Deadline,
                 ErrorCode::ShuttingDown => {
                     self.lost(&connection, "the worker is shutting down".into());
                     OffloadFailure::ShuttingDown
@@ -178,11 +231,14 @@ impl CloudLink {
                     }
                 }
             }),
-            Ok(Err(TransportError::Protocol(error))) => Err(OffloadFailure::Rejected {
+            Err(TransportError::TimedOut(_)) => {
+                Err(OffloadFailure::Timeout(self.config.request_timeout_ms))
+            }
+            Err(TransportError::Protocol(error)) => Err(OffloadFailure::Rejected {
                 code: error.code.name(),
                 message: error.message,
             }),
-            Ok(Err(error)) => {
+            Err(error) => {
                 let reason = error.to_string();
                 self.lost(&connection, reason.clone());
                 Err(OffloadFailure::ConnectionLost(reason))
@@ -203,12 +259,16 @@ impl CloudLink {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The live connection, or why there is none (starting a reconnection when one is due).
-    fn connection(self: &Arc<Self>) -> Result<Connection, OffloadFailure> {
+    /// The live connection and what it may hold, or why there is none (starting a
+    /// reconnection when one is due).
+    fn connection(self: &Arc<Self>) -> Result<(Connection, Welcome), OffloadFailure> {
         let mut state = self.lock();
         match &*state {
-            LinkState::Connected { connection, .. } => match connection.close_reason() {
-                None => Ok(connection.clone()),
+            LinkState::Connected {
+                connection,
+                welcome,
+            } => match connection.close_reason() {
+                None => Ok((connection.clone(), *welcome)),
                 Some(reason) => {
                     let reason = reason.to_string();
                     *state = self.down_state(reason.clone(), None);
@@ -241,44 +301,116 @@ impl CloudLink {
             .await;
     }
 
-    /// One connection attempt; on failure the next one waits `backoff`.
+    /// One connection attempt, hello included; on failure the next one waits `backoff`.
     async fn reconnect(&self, backoff: Duration) {
-        let attempt = tokio::time::timeout(
-            self.config.connect_timeout(),
+        match self.establish().await {
+            Ok((connection, welcome)) => {
+                tracing::info!(
+                    address = %self.config.address,
+                    max_streams = welcome.max_streams,
+                    "connected to the cloud worker"
+                );
+                if self.window > welcome.max_streams as usize {
+                    tracing::warn!(
+                        window = self.window,
+                        max_streams = welcome.max_streams,
+                        "pipeline.window exceeds the requests the worker lets one connection \
+                         have open: offloads beyond it wait for a stream and may time out"
+                    );
+                }
+                *self
+                    .last_failure
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = None;
+                *self.lock() = LinkState::Connected {
+                    connection,
+                    welcome,
+                };
+                (self.on_change)(true);
+            }
+            Err(failure) => {
+                let wait = if failure.disabling {
+                    Duration::from_millis(self.config.backoff_max_ms)
+                } else {
+                    backoff
+                };
+                self.log_failure(&failure, wait);
+                *self.lock() = self.down_state(failure.reason, Some(wait));
+            }
+        }
+    }
+
+    /// Connects and says hello, within the connect timeout.
+    async fn establish(&self) -> Result<(Connection, Welcome), Failure> {
+        let failed = |reason: String| Failure {
+            reason,
+            disabling: false,
+        };
+        let timeout = self.config.connect_timeout();
+        let connection = match tokio::time::timeout(
+            timeout,
             transport::connect(
                 &self.endpoint,
                 self.config.address,
                 &self.config.server_name,
             ),
         )
-        .await;
-        let result = match attempt {
-            Ok(Ok(connection)) => Ok(connection),
-            Ok(Err(error)) => Err(error.to_string()),
-            Err(_) => Err(format!(
-                "no handshake within {} ms",
-                self.config.connect_timeout_ms
-            )),
+        .await
+        {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(error)) => return Err(failed(error.to_string())),
+            Err(_) => {
+                return Err(failed(format!(
+                    "no handshake within {} ms",
+                    self.config.connect_timeout_ms
+                )));
+            }
         };
-        match result {
-            Ok(connection) => {
-                tracing::info!(address = %self.config.address, "connected to the cloud worker");
-                *self.lock() = LinkState::Connected {
-                    connection,
-                    timeouts: 0,
-                };
-                (self.on_change)(true);
+        let error = match transport::hello(&connection, &self.fingerprint, timeout).await {
+            Ok(welcome) => return Ok((connection, welcome)),
+            Err(error) => error,
+        };
+        connection.close(0u32.into(), b"hello failed");
+        Err(match (&error, error.tls_alert()) {
+            (TransportError::Refused(refusal), _)
+                if refusal.code == ErrorCode::WrongFingerprint =>
+            {
+                Failure {
+                    reason: format!(
+                        "offloading disabled: the worker serves another model ({}); every \
+                         sample is answered on the device",
+                        refusal.message
+                    ),
+                    disabling: true,
+                }
             }
-            Err(reason) => {
-                tracing::warn!(
-                    address = %self.config.address,
-                    retry_in_ms = backoff.as_millis() as u64,
-                    %reason,
-                    "cannot reach the cloud worker; answering on the device meanwhile"
-                );
-                *self.lock() = self.down_state(reason, Some(backoff));
-            }
+            (_, Some(alert)) => failed(format!(
+                "the worker refused this agent's TLS handshake (TLS alert {alert}): under mutual \
+                 TLS it wants cloud.client_cert and cloud.client_key, signed by its client CA"
+            )),
+            _ => failed(format!("hello: {error}")),
+        })
+    }
+
+    /// Logs a failed attempt: as a warning (an error when it disables offloading) the first
+    /// time, at debug level while the same failure repeats.
+    fn log_failure(&self, failure: &Failure, wait: Duration) {
+        let mut last = self.last_failure.lock().unwrap_or_else(|p| p.into_inner());
+        let (address, retry_in_ms) = (self.config.address, wait.as_millis() as u64);
+        let reason = &failure.reason;
+        if last.as_deref() == Some(reason.as_str()) {
+            tracing::debug!(%address, retry_in_ms, %reason, "still cannot reach the cloud worker");
+        } else if failure.disabling {
+            tracing::error!(%address, retry_in_ms, %reason, "cannot offload to the cloud worker");
+        } else {
+            tracing::warn!(
+                %address,
+                retry_in_ms,
+                %reason,
+                "cannot reach the cloud worker; answering on the device meanwhile"
+            );
         }
+        *last = Some(reason.clone());
     }
 
     /// `Down`, retrying after `wait` (the initial backoff when none is given).
@@ -290,37 +422,6 @@ impl CloudLink {
             retry_at: Instant::now() + wait,
             backoff: (wait * 2).min(max),
             reason,
-        }
-    }
-
-    fn answered(&self, used: &Connection) {
-        if let LinkState::Connected {
-            connection,
-            timeouts,
-        } = &mut *self.lock()
-            && connection.stable_id() == used.stable_id()
-        {
-            *timeouts = 0;
-        }
-    }
-
-    fn timed_out(&self, used: &Connection) {
-        let mut state = self.lock();
-        if let LinkState::Connected {
-            connection,
-            timeouts,
-        } = &mut *state
-            && connection.stable_id() == used.stable_id()
-        {
-            *timeouts += 1;
-            if *timeouts >= self.config.timeouts_before_reconnect {
-                let count = *timeouts;
-                connection.close(0u32.into(), b"requests timed out");
-                *state = self.down_state(format!("{count} requests in a row timed out"), None);
-                drop(state);
-                tracing::warn!(count, "requests keep timing out; reconnecting");
-                (self.on_change)(false);
-            }
         }
     }
 

@@ -90,11 +90,11 @@ pub struct CloudConfig {
     pub backoff_initial_ms: u64,
     #[serde(default = "default_backoff_max")]
     pub backoff_max_ms: u64,
-    /// Consecutive timed-out requests after which the connection is presumed dead, closed
-    /// and re-established (a silent link never closes a QUIC connection before its 30 s idle
-    /// timeout).
-    #[serde(default = "default_timeouts_before_reconnect")]
-    pub timeouts_before_reconnect: u32,
+    /// A connection that hears nothing from the worker this long is dead (keep-alives go out
+    /// at a third of it), and the agent reconnects. A request that times out only resets its
+    /// own stream: the connection, and what else is in flight on it, goes on.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_ms: u64,
 }
 
 fn default_server_name() -> String {
@@ -115,8 +115,8 @@ fn default_backoff_initial() -> u64 {
 fn default_backoff_max() -> u64 {
     5_000
 }
-fn default_timeouts_before_reconnect() -> u32 {
-    2
+fn default_idle_timeout() -> u64 {
+    10_000
 }
 
 impl CloudConfig {
@@ -125,6 +125,9 @@ impl CloudConfig {
     }
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
     }
 }
 
@@ -170,42 +173,40 @@ impl AgentConfig {
         Ok(config)
     }
 
-    /// Values that parse but cannot work. Checks against the model come when it is loaded.
+    /// Values that parse but cannot work, and values past what the agent can honour (each
+    /// range says why it ends where it does). Checks against the model come when it is loaded.
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            self.edge_layers != Some(0),
-            "edge_layers must be at least 1"
-        );
-        anyhow::ensure!(
-            self.pipeline.window >= 1,
-            "pipeline.window must be at least 1"
-        );
-        anyhow::ensure!(
-            self.save_state_every >= 1,
-            "save_state_every must be at least 1"
-        );
-        anyhow::ensure!(
-            self.input.max_line_bytes >= 1,
-            "input.max_line_bytes must be at least 1"
-        );
+        let mut ranges = vec![
+            ("edge_layers", self.edge_layers.map_or(1, |l| l as u64), 1..=4_096),
+            // Each sample in flight holds its hidden states (0.8 MB for MiniLM at 512 tokens).
+            ("pipeline.window", self.pipeline.window as u64, 1..=1_024),
+            ("save_state_every", self.save_state_every, 1..=u64::MAX),
+            // A line is held whole while it is read.
+            ("input.max_line_bytes", self.input.max_line_bytes as u64, 1..=64 << 20),
+        ];
+        if let Some(cloud) = &self.cloud {
+            // Timeouts and waits become `Instant`s, which cannot reach far into the future.
+            const HOUR_MS: u64 = 3_600_000;
+            ranges.extend([
+                ("cloud.request_timeout_ms", cloud.request_timeout_ms, 1..=600_000),
+                ("cloud.connect_timeout_ms", cloud.connect_timeout_ms, 1..=600_000),
+                ("cloud.backoff_initial_ms", cloud.backoff_initial_ms, 1..=HOUR_MS),
+                (
+                    "cloud.backoff_max_ms",
+                    cloud.backoff_max_ms,
+                    cloud.backoff_initial_ms..=HOUR_MS,
+                ),
+                // QUIC carries at most an hour here (`transport::MAX_IDLE_TIMEOUT`).
+                ("cloud.idle_timeout_ms", cloud.idle_timeout_ms, 100..=HOUR_MS),
+            ]);
+        }
+        splitee_common::settings::check_ranges(&ranges).map_err(anyhow::Error::msg)?;
         self.exits.validate().map_err(anyhow::Error::msg)?;
         self.reward.validate(self.device.as_ref())?;
         if let Some(cloud) = &self.cloud {
             anyhow::ensure!(
                 cloud.client_cert.is_some() == cloud.client_key.is_some(),
                 "cloud.client_cert and cloud.client_key go together (mutual TLS)"
-            );
-            anyhow::ensure!(
-                cloud.request_timeout_ms >= 1 && cloud.connect_timeout_ms >= 1,
-                "cloud.request_timeout_ms and cloud.connect_timeout_ms must be at least 1"
-            );
-            anyhow::ensure!(
-                cloud.backoff_initial_ms >= 1 && cloud.backoff_max_ms >= cloud.backoff_initial_ms,
-                "cloud.backoff_initial_ms must be >= 1 and <= cloud.backoff_max_ms"
-            );
-            anyhow::ensure!(
-                cloud.timeouts_before_reconnect >= 1,
-                "cloud.timeouts_before_reconnect must be at least 1"
             );
             if let Some(t) = cloud.cloud_exit_threshold {
                 anyhow::ensure!(
@@ -246,8 +247,33 @@ mod tests {
 
         let typo = AgentConfig::from_toml(&format!("{MINIMAL}[pipeline]\nwindw = 3\n"));
         assert!(format!("{:#}", typo.unwrap_err()).contains("windw"));
-        let zero = AgentConfig::from_toml(&format!("{MINIMAL}[pipeline]\nwindow = 0\n"));
-        assert!(format!("{:#}", zero.unwrap_err()).contains("pipeline.window"));
+        for (table, key) in [
+            ("[pipeline]\nwindow = 0\n", "pipeline.window = 0"),
+            (
+                "[pipeline]\nwindow = 18446744073709551615\n",
+                "pipeline.window = 18446744073709551615",
+            ),
+            ("[input]\nmax_line_bytes = 0\n", "input.max_line_bytes"),
+            (
+                "[cloud]\naddress = \"127.0.0.1:4433\"\nca = \"ca.pem\"\nbackoff_max_ms = 18446744073709551615\n",
+                "cloud.backoff_max_ms",
+            ),
+            (
+                "[cloud]\naddress = \"127.0.0.1:4433\"\nca = \"ca.pem\"\nrequest_timeout_ms = 0\n",
+                "cloud.request_timeout_ms",
+            ),
+            (
+                "[cloud]\naddress = \"127.0.0.1:4433\"\nca = \"ca.pem\"\nbackoff_initial_ms = 900\nbackoff_max_ms = 800\n",
+                "cloud.backoff_max_ms = 800 is outside 900..=",
+            ),
+        ] {
+            let error = AgentConfig::from_toml(&format!("{MINIMAL}{table}")).unwrap_err();
+            assert!(format!("{error:#}").contains(key), "{table:?}: {error:#}");
+        }
+        let gone = AgentConfig::from_toml(&format!(
+            "{MINIMAL}[cloud]\naddress = \"127.0.0.1:4433\"\nca = \"ca.pem\"\ntimeouts_before_reconnect = 2\n"
+        ));
+        assert!(format!("{:#}", gone.unwrap_err()).contains("timeouts_before_reconnect"));
         let no_arms = AgentConfig::from_toml("model = \"m\"\n");
         assert!(format!("{:#}", no_arms.unwrap_err()).contains("arms"));
         let profile =

@@ -17,9 +17,9 @@ fn header(version: u16, kind: u8, body_len: u32) -> Vec<u8> {
 }
 
 async fn error_of(connection: &Connection, frame: &[u8]) -> (ErrorCode, String, u64) {
-    match transport::exchange(connection, frame).await.unwrap() {
+    match transport::exchange(connection, frame, TIMEOUT).await.unwrap() {
         Response::Error(error) => (error.code, error.message, error.request_id),
-        Response::Answer(answer) => panic!("bad input was answered: {answer:?}"),
+        other => panic!("bad input was answered: {other:?}"),
     }
 }
 
@@ -88,6 +88,14 @@ async fn each_bad_input_gets_its_error_code_and_the_worker_keeps_serving() {
         encode_request(&wrong),
         ErrorCode::NonFinite,
         "inf",
+    ));
+    let mut wrong = good.clone();
+    wrong.deadline_ms = 0;
+    cases.push((
+        "no time to answer",
+        encode_request(&wrong),
+        ErrorCode::Malformed,
+        "deadline of 0 ms",
     ));
     let mut wrong = good.clone();
     wrong.options.cloud_exit_threshold = Some(2.0);
@@ -160,7 +168,7 @@ async fn each_bad_input_gets_its_error_code_and_the_worker_keeps_serving() {
         );
         *expected_errors.entry(*code).or_insert(0u64) += 1;
         // The same connection still answers a good request after each bad one.
-        let answer = expect_answer(transport::exchange(&connection, &good_frame).await.unwrap());
+        let answer = expect_answer(transport::exchange(&connection, &good_frame, TIMEOUT).await.unwrap());
         assert_eq!(answer.request_id, 77);
     }
     // Errors found after the metadata decoded name the request they answer.
@@ -187,12 +195,54 @@ async fn each_bad_input_gets_its_error_code_and_the_worker_keeps_serving() {
         panic!("a stalled request was answered")
     };
     assert_eq!(error.code, ErrorCode::Malformed);
-    assert!(error.message.contains("timed out"), "{}", error.message);
+    assert!(
+        error.message.contains("did not arrive whole within 2000 ms"),
+        "{}",
+        error.message
+    );
     *expected_errors.get_mut(&ErrorCode::Malformed).unwrap() += 1;
+
+    // A client of protocol version 1 is refused in version 1's framing, so that it can read
+    // why (its own header check wants version 1).
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    send.write_all(&header(1, 1, 10)).await.unwrap();
+    send.write_all(&[0; 10]).await.unwrap();
+    send.finish().unwrap();
+    let mut old = recv.read_to_end(1 << 16).await.unwrap();
+    assert_eq!(old[4..6], 1u16.to_le_bytes(), "answered in another version's framing");
+    old[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    let Response::Error(error) = splitee_common::protocol::decode_response(&old).unwrap() else {
+        panic!("an old client was answered")
+    };
+    assert_eq!(error.code, ErrorCode::UnsupportedVersion);
+    assert!(
+        error.message.contains("version 1, this side speaks 2"),
+        "{}",
+        error.message
+    );
+    *expected_errors
+        .entry(ErrorCode::UnsupportedVersion)
+        .or_insert(0) += 1;
+
+    // The hello: the worker's limits for the right model, `wrong_fingerprint` for another.
+    let welcome = transport::hello(&connection, &harness.fingerprint, TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!((welcome.max_streams, welcome.max_seq_len), (32, 512));
+    match transport::hello(&connection, &[9; 32], TIMEOUT).await {
+        Err(transport::TransportError::Refused(error)) => {
+            assert_eq!(error.code, ErrorCode::WrongFingerprint);
+            assert!(error.message.contains("0909090909090909"), "{}", error.message);
+        }
+        other => panic!("a hello for another model was welcomed: {other:?}"),
+    }
+    *expected_errors
+        .get_mut(&ErrorCode::WrongFingerprint)
+        .unwrap() += 1;
 
     // Another client is served as if nothing happened.
     let other = harness.connect().await;
-    expect_answer(transport::offload(&other, &good).await.unwrap());
+    expect_answer(transport::offload(&other, &good, TIMEOUT).await.unwrap());
 
     let metrics = harness.worker.metrics();
     for (code, count) in expected_errors {

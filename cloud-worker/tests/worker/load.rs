@@ -16,6 +16,8 @@ async fn sixty_four_clients_times_two_hundred_requests_complete_without_errors()
     let harness = Harness::start(|config, _| {
         config.batching.max_batch_size = 64;
         config.batching.max_wait_us = 500;
+        // 64 devices, but all on one loopback address: one peer.
+        config.limits.max_connections_per_peer = CLIENTS;
     })
     .await;
     // Short sequences and split 5 (the cloud runs one layer) keep the compute cheap: this
@@ -45,7 +47,7 @@ async fn sixty_four_clients_times_two_hundred_requests_complete_without_errors()
                 let which = (client + i) % templates.len();
                 let mut request = templates[which].clone();
                 request.request_id = (client * REQUESTS + i) as u64;
-                let answer = match transport::offload(&connection, &request).await {
+                let answer = match transport::offload(&connection, &request, TIMEOUT).await {
                     Ok(Response::Answer(answer)) => answer,
                     other => panic!("client {client} request {i}: {other:?}"),
                 };
@@ -90,7 +92,7 @@ async fn past_the_in_flight_bound_requests_are_refused_busy_at_once() {
         let connection = connection.clone();
         let request = request.clone();
         tokio::spawn(async move {
-            let response = transport::offload(&connection, &request).await;
+            let response = transport::offload(&connection, &request, TIMEOUT).await;
             (response, started.elapsed())
         })
     };
@@ -123,6 +125,6 @@ async fn past_the_in_flight_bound_requests_are_refused_busy_at_once() {
     }
     assert_eq!(harness.worker.metrics().errors(ErrorCode::Busy), 15);
     // Once the slot is free again, requests are served.
-    expect_answer(transport::offload(&connection, &request).await.unwrap());
+    expect_answer(transport::offload(&connection, &request, TIMEOUT).await.unwrap());
     harness.worker.shutdown().await.unwrap();
 }

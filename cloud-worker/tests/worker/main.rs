@@ -3,6 +3,8 @@
 //! (modules below) because each binary links all of burn.
 
 mod bad_input;
+mod caps;
+mod deadline;
 mod encoding_accuracy;
 mod load;
 mod mtls;
@@ -10,6 +12,7 @@ mod roundtrip;
 mod shutdown;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use burn::nn::LinearConfig;
 use burn::prelude::*;
@@ -20,6 +23,10 @@ use splitee_common::protocol::{
 };
 use splitee_common::transport::{self, Connection, Endpoint};
 use splitee_common::{LoadedModel, ModelDir, MultiExitBert};
+
+/// How long a test client waits for an answer: far beyond anything these tests should take,
+/// so that a timeout is a failure, never part of the test.
+pub const TIMEOUT: Duration = Duration::from_secs(60);
 
 pub fn shared_dir() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared");
@@ -72,6 +79,7 @@ pub fn test_config(certs: &GeneratedCerts) -> WorkerConfig {
     };
     config.tls.cert = certs.server_cert.clone();
     config.tls.key = certs.server_key.clone();
+    config.tls.client_ca = Some(certs.worker_client_ca.clone());
     config
 }
 
@@ -160,6 +168,7 @@ impl Harness {
         OffloadRequest {
             request_id,
             fingerprint: self.fingerprint,
+            deadline_ms: TIMEOUT.as_millis() as u32,
             split_layer: split as u16,
             seq_len: seq_len as u32,
             encoding,
@@ -180,7 +189,7 @@ pub fn client_endpoint(ca: &GeneratedCerts, identity: Option<&GeneratedCerts>) -
     });
     transport::client_endpoint(
         "127.0.0.1:0".parse().unwrap(),
-        transport::client_config(roots, identity).unwrap(),
+        transport::client_config(roots, identity, transport::IDLE_TIMEOUT).unwrap(),
     )
     .unwrap()
 }
@@ -196,7 +205,7 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 pub fn expect_answer(response: Response) -> splitee_common::protocol::Answer {
     match response {
         Response::Answer(answer) => answer,
-        Response::Error(error) => panic!("expected an answer, got {error:?}"),
+        other => panic!("expected an answer, got {other:?}"),
     }
 }
 

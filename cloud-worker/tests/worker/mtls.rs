@@ -12,7 +12,7 @@ async fn try_offload(
 ) -> Result<splitee_common::protocol::Response, TransportError> {
     let connection = transport::connect(endpoint, harness.worker.local_addr(), "localhost").await?;
     let request = harness.request("hello", 5, PayloadEncoding::F32, 1);
-    transport::offload(&connection, &request).await
+    transport::offload(&connection, &request, TIMEOUT).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

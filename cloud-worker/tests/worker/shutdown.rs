@@ -20,7 +20,7 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     let in_flight = {
         let connection = connection.clone();
         let request = request.clone();
-        tokio::spawn(async move { transport::offload(&connection, &request).await })
+        tokio::spawn(async move { transport::offload(&connection, &request, TIMEOUT).await })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     let metrics_addr = harness.worker.metrics_addr().unwrap();
@@ -29,7 +29,7 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     let (status, _) = http_get(metrics_addr, "/healthz").await;
     assert_eq!(status, 503);
     // ...new requests are refused with a clear code...
-    match transport::offload(&connection, &request).await.unwrap() {
+    match transport::offload(&connection, &request, TIMEOUT).await.unwrap() {
         Response::Error(error) => assert_eq!(error.code, ErrorCode::ShuttingDown),
         answer => panic!("a request after the shutdown began was served: {answer:?}"),
     }
@@ -41,7 +41,7 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
             "localhost",
         )
         .await?;
-        transport::offload(&connection, &request).await
+        transport::offload(&connection, &request, TIMEOUT).await
     })
     .await
     .expect("a refused connection fails fast");

@@ -1,6 +1,8 @@
-//! Arbitrary bytes through everything the cloud worker does with a request frame before it
-//! reaches the model: header, body, validation against a MiniLM-sized model, payload decoding.
-//! Any panic (or out-of-memory from a trusted length) is a bug.
+//! Arbitrary bytes through everything the cloud worker does with a frame before it reaches
+//! the model (`protocol::check_untrusted_input`: headers, request and hello bodies, validation
+//! against a MiniLM-sized model, payload decoding, responses). Any panic (or out-of-memory from
+//! a trusted length) is a bug. The test suite runs the same check on a million generated
+//! inputs on stable (`protocol::tests::a_million_generated_frames_never_panic`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -9,7 +11,7 @@ use libfuzzer_sys::fuzz_target;
 #[allow(dead_code)]
 mod protocol;
 
-use protocol::{FrameKind, HEADER_LEN, Limits};
+use protocol::Limits;
 
 const LIMITS: Limits = Limits {
     max_body_bytes: 512 * 384 * 4 + 4096,
@@ -18,25 +20,4 @@ const LIMITS: Limits = Limits {
     num_layers: 6,
 };
 
-fuzz_target!(|data: &[u8]| {
-    if let Some(header) = data.first_chunk::<HEADER_LEN>() {
-        let _ = protocol::decode_header(header, FrameKind::Request, LIMITS.max_body_bytes);
-        let _ = protocol::decode_request_body(&data[HEADER_LEN..]);
-    }
-    if let Ok(request) = protocol::decode_request(data, LIMITS.max_body_bytes) {
-        // Accept any fingerprint so that validation and payload decoding are reached.
-        if request.validate(&request.fingerprint, &LIMITS).is_ok() {
-            let _ = request.hidden_states(LIMITS.hidden_size);
-        }
-        // Bytes, not values, are compared: a NaN threshold is never equal to itself.
-        let reencoded = protocol::encode_request(&request);
-        let again =
-            protocol::decode_request(&reencoded, usize::MAX).expect("a re-encoded request decodes");
-        assert_eq!(
-            protocol::encode_request(&again),
-            reencoded,
-            "a decoded request must survive re-encoding"
-        );
-    }
-    let _ = protocol::decode_response(data);
-});
+fuzz_target!(|data: &[u8]| protocol::check_untrusted_input(data, &LIMITS));

@@ -1,5 +1,10 @@
 //! The edge agent against a real cloud worker on loopback (QUIC + TLS, certificates from
-//! `gen-certs`), on the repository's default model and the shared labelled sentences.
+//! `gen-certs`), on the repository's default model and the shared labelled sentences. One test
+//! binary (modules below) because each binary links all of burn.
+
+mod attack;
+mod overload;
+mod sigterm;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -75,6 +80,7 @@ async fn start_worker(certs: &GeneratedCerts, listen: &str) -> Worker {
     };
     config.tls.cert = certs.server_cert.clone();
     config.tls.key = certs.server_key.clone();
+    config.tls.client_ca = Some(certs.worker_client_ca.clone());
     let model = tokio::task::spawn_blocking(load_model).await.unwrap();
     Worker::start(&config, model, device()).await.unwrap()
 }
@@ -87,10 +93,10 @@ fn agent_config(
     let mut text = format!("model = {:?}\n", model_dir().to_str().unwrap());
     if let Some((certs, address)) = cloud {
         text.push_str(&format!(
-            "[cloud]\naddress = \"{address}\"\nca = {:?}\nencoding = \"f32\"\n\
-             request_timeout_ms = 3000\nconnect_timeout_ms = 300\nbackoff_initial_ms = 100\n\
-             backoff_max_ms = 400\n",
-            certs.ca_cert.to_str().unwrap()
+            "[cloud]\naddress = \"{address}\"\nca = {:?}\nclient_cert = {:?}\n\
+             client_key = {:?}\nencoding = \"f32\"\nrequest_timeout_ms = 3000\n\
+             connect_timeout_ms = 300\nbackoff_initial_ms = 100\nbackoff_max_ms = 400\n",
+            certs.agent_ca, certs.client_cert, certs.client_key
         ));
     }
     text.push_str(tables);
@@ -355,6 +361,8 @@ async fn the_bandit_state_survives_a_restart_and_costs_are_measured() {
         .unwrap();
     assert_eq!(restarted.learned(), 30);
     assert_eq!(restarted.controller(), &saved_controller(&state));
+    // One agent per state file: the next one starts once this one is gone.
+    drop(restarted);
     let fresh = Agent::start(&config, device(), Arc::new(Metrics::new()), true)
         .await
         .unwrap();
