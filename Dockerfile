@@ -6,8 +6,8 @@
 # configuration, on Debian 12 slim (glibc 2.36, above the binary's glibc floor).
 #
 #   docker build -t splitee-cloud-worker .
-#   cloud-worker gen-certs --out-dir certs          # or your own server.pem/server.key.pem
-#   docker run --rm -p 4433:4433/udp -p 9433:9433 -v "$PWD/certs:/etc/splitee/certs:ro" \
+#   cloud-worker gen-certs --out-dir certs   # or your own server.pem, server.key.pem, client-ca.pem
+#   docker run --rm -p 4433:4433/udp -p 9433:9433 -v "$PWD/certs/worker:/etc/splitee/certs:ro" \
 #       splitee-cloud-worker
 #
 # Not built in this project's CI (no Docker engine there); kept deliberately plain.
@@ -43,6 +43,7 @@ ENTRYPOINT ["/usr/local/bin/cloud-worker", "serve", \
     "--config", "/etc/splitee/cloud-worker.toml", \
     "--model", "/usr/local/share/splitee/models/default", \
     "--cert", "/etc/splitee/certs/server.pem", \
-    "--key", "/etc/splitee/certs/server.key.pem"]
+    "--key", "/etc/splitee/certs/server.key.pem", \
+    "--client-ca", "/etc/splitee/certs/client-ca.pem"]
 # Inside a container the metrics endpoint must listen beyond loopback to be reachable.
 CMD ["--metrics-listen", "0.0.0.0:9433"]

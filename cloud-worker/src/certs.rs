@@ -306,17 +306,26 @@ mod tests {
             .unwrap()
             .map(|entry| entry.unwrap().file_name().into_string().unwrap())
             .collect();
-        assert!(!mounted.iter().any(|name| name.contains("ca.key")), "{mounted:?}");
+        assert!(
+            !mounted.iter().any(|name| name.contains("ca.key")),
+            "{mounted:?}"
+        );
         assert_eq!(files.worker_client_ca.parent().unwrap(), worker_dir);
         assert_ne!(files.ca_key.parent().unwrap(), worker_dir);
-        assert_ne!(files.ca_key.parent().unwrap(), files.client_key.parent().unwrap());
+        assert_ne!(
+            files.ca_key.parent().unwrap(),
+            files.client_key.parent().unwrap()
+        );
         for key in [&files.ca_key, &files.server_key, &files.client_key] {
             assert_eq!(mode(key), 0o600, "{}", key.display());
             // Someone loosened them; --force must tighten them again.
             std::fs::set_permissions(key, std::fs::Permissions::from_mode(0o644)).unwrap();
         }
-        std::fs::set_permissions(files.ca_key.parent().unwrap(), std::fs::Permissions::from_mode(0o755))
-            .unwrap();
+        std::fs::set_permissions(
+            files.ca_key.parent().unwrap(),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
         gen_certs(&CertOptions {
             force: true,
             ..options

@@ -122,7 +122,11 @@ struct FairQueue {
 
 impl FairQueue {
     fn push(&mut self, job: Job) {
-        match self.tenants.iter_mut().find(|(tenant, _)| *tenant == job.tenant) {
+        match self
+            .tenants
+            .iter_mut()
+            .find(|(tenant, _)| *tenant == job.tenant)
+        {
             Some((_, jobs)) => jobs.push_back(job),
             None => self.tenants.push_back((job.tenant, VecDeque::from([job]))),
         }
@@ -197,7 +201,9 @@ impl Estimates {
             .get(split)
             .copied()
             .flatten()
-            .map_or(Duration::ZERO, |(mean, deviation)| mean + deviation * Self::MARGIN)
+            .map_or(Duration::ZERO, |(mean, deviation)| {
+                mean + deviation * Self::MARGIN
+            })
     }
 
     fn observe(&mut self, split: usize, took: Duration) {
@@ -205,7 +211,11 @@ impl Estimates {
             // RFC 6298's gains: 1/8 for the mean, 1/4 for the deviation.
             *estimate = Some(match *estimate {
                 Some((mean, deviation)) => {
-                    let error = if took > mean { took - mean } else { mean - took };
+                    let error = if took > mean {
+                        took - mean
+                    } else {
+                        mean - took
+                    };
                     (mean * 7 / 8 + took / 8, deviation * 3 / 4 + error / 4)
                 }
                 None => (took, took / 2),
@@ -273,8 +283,11 @@ impl Compute {
             // A job whose whole budget is shorter than the estimate runs anyway: otherwise a
             // single slow batch could make every later job look hopeless, and no batch would
             // ever run to correct the estimate.
-            let could_have_made_it = job.deadline.saturating_duration_since(job.received) > expected;
-            job.reply.is_closed() || now >= job.deadline || (could_have_made_it && now + expected > job.deadline)
+            let could_have_made_it =
+                job.deadline.saturating_duration_since(job.received) > expected;
+            job.reply.is_closed()
+                || now >= job.deadline
+                || (could_have_made_it && now + expected > job.deadline)
         });
         for job in dropped {
             if job.reply.is_closed() {

@@ -165,7 +165,11 @@ impl WorkerConfig {
         let (b, l) = (&self.batching, &self.limits);
         splitee_common::settings::check_ranges(&[
             // The answer reports its batch size as a u16; a batch pads to one tensor.
-            ("batching.max_batch_size", b.max_batch_size as u64, 1..=1_024),
+            (
+                "batching.max_batch_size",
+                b.max_batch_size as u64,
+                1..=1_024,
+            ),
             ("batching.max_wait_us", b.max_wait_us, 0..=1_000_000),
             // Semaphores hold at most 2^61 permits; far fewer requests fit in memory.
             ("batching.max_in_flight", b.max_in_flight as u64, 1..=65_536),
@@ -182,7 +186,11 @@ impl WorkerConfig {
                 1..=u64::from(u32::MAX),
             ),
             ("limits.receive_bytes", l.receive_bytes as u64, 1..=1 << 40),
-            ("limits.max_connections", l.max_connections as u64, 1..=1 << 20),
+            (
+                "limits.max_connections",
+                l.max_connections as u64,
+                1..=1 << 20,
+            ),
             (
                 "limits.max_connections_per_peer",
                 l.max_connections_per_peer as u64,
@@ -198,7 +206,11 @@ impl WorkerConfig {
                 l.max_seq_len.map_or(1, |len| len as u64),
                 1..=1 << 20,
             ),
-            ("shutdown_timeout_ms", self.shutdown_timeout_ms, 0..=3_600_000),
+            (
+                "shutdown_timeout_ms",
+                self.shutdown_timeout_ms,
+                0..=3_600_000,
+            ),
         ])
         .map_err(anyhow::Error::msg)?;
         anyhow::ensure!(
@@ -211,7 +223,11 @@ impl WorkerConfig {
             anyhow::ensure!(
                 self.tls.client_ca.is_none(),
                 "--insecure-no-client-auth and a client CA ({}) contradict each other",
-                self.tls.client_ca.as_deref().unwrap_or(Path::new("")).display()
+                self.tls
+                    .client_ca
+                    .as_deref()
+                    .unwrap_or(Path::new(""))
+                    .display()
             );
         } else if self.tls.client_ca.is_none() && !self.listen.ip().is_loopback() {
             anyhow::bail!(
@@ -273,7 +289,12 @@ mod tests {
             insecure_no_client_auth: true,
             ..WorkerConfig::default()
         };
-        assert!(both.validate().unwrap_err().to_string().contains("contradict"));
+        assert!(
+            both.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("contradict")
+        );
         // The flag cannot come from a file.
         assert!(WorkerConfig::from_toml("insecure_no_client_auth = true\n").is_err());
     }
@@ -281,13 +302,31 @@ mod tests {
     #[test]
     fn values_past_what_the_worker_can_honour_are_errors_naming_the_key() {
         for (toml, key) in [
-            ("[batching]\nmax_in_flight = 18446744073709551615\n", "batching.max_in_flight"),
-            ("[batching]\nmax_batch_size = 100000\n", "batching.max_batch_size"),
+            (
+                "[batching]\nmax_in_flight = 18446744073709551615\n",
+                "batching.max_in_flight",
+            ),
+            (
+                "[batching]\nmax_batch_size = 100000\n",
+                "batching.max_batch_size",
+            ),
             ("[limits]\nread_timeout_ms = 0\n", "limits.read_timeout_ms"),
-            ("[limits]\nmax_streams_per_connection = 0\n", "limits.max_streams_per_connection"),
-            ("[limits]\nmax_connections_per_peer = 0\n", "limits.max_connections_per_peer"),
-            ("[limits]\nreceive_bytes = 1024\n", "limits.receive_bytes_per_connection"),
-            ("shutdown_timeout_ms = 18446744073709551615\n", "shutdown_timeout_ms"),
+            (
+                "[limits]\nmax_streams_per_connection = 0\n",
+                "limits.max_streams_per_connection",
+            ),
+            (
+                "[limits]\nmax_connections_per_peer = 0\n",
+                "limits.max_connections_per_peer",
+            ),
+            (
+                "[limits]\nreceive_bytes = 1024\n",
+                "limits.receive_bytes_per_connection",
+            ),
+            (
+                "shutdown_timeout_ms = 18446744073709551615\n",
+                "shutdown_timeout_ms",
+            ),
         ] {
             let error = WorkerConfig::from_toml(toml).unwrap_err().to_string();
             assert!(error.contains(key), "{toml:?}: {error}");

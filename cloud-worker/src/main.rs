@@ -8,7 +8,6 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use cloud_worker::{CertOptions, Worker, WorkerConfig};
 use splitee_common::{BackendChoice, ModelDir};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
@@ -103,11 +102,7 @@ struct GenCertsArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
+    splitee_common::logging::init("info");
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
         Command::GenCerts(args) => gen_certs(args),
@@ -148,8 +143,16 @@ fn gen_certs(args: GenCertsArgs) -> anyhow::Result<()> {
     println!(
         "give a worker {} and an agent {}; keep {} offline: it signs anything that the worker \
          and agents will trust",
-        files.server_key.parent().unwrap_or(&options.out_dir).display(),
-        files.client_key.parent().unwrap_or(&options.out_dir).display(),
+        files
+            .server_key
+            .parent()
+            .unwrap_or(&options.out_dir)
+            .display(),
+        files
+            .client_key
+            .parent()
+            .unwrap_or(&options.out_dir)
+            .display(),
         files.ca_key.display()
     );
     for path in &files.stale {
@@ -226,32 +229,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .build()?
         .block_on(async move {
             let worker = Worker::start(&config, model, device).await?;
-            shutdown_signal().await?;
-            tracing::info!(
-                "signal received: finishing the admitted requests (a second signal stops at once)"
-            );
-            tokio::select! {
-                stopped = worker.shutdown() => stopped,
-                signal = shutdown_signal() => {
-                    signal?;
-                    anyhow::bail!("second signal: stopped without finishing the in-flight requests")
-                }
-            }
+            // A second signal ends the process at once (splitee_common::signals).
+            let stop = tokio_util::sync::CancellationToken::new();
+            splitee_common::signals::shutdown_on_signals(stop.clone())?;
+            stop.cancelled().await;
+            tracing::info!("finishing the admitted requests (a second signal stops at once)");
+            worker.shutdown().await
         })
-}
-
-/// SIGINT or SIGTERM (what `systemctl stop` and `docker stop` send), whichever comes first.
-async fn shutdown_signal() -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut terminate = signal(SignalKind::terminate())?;
-        tokio::select! {
-            result = tokio::signal::ctrl_c() => result?,
-            _ = terminate.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c().await?;
-    Ok(())
 }

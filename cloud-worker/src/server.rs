@@ -28,9 +28,9 @@ use burn::prelude::Device;
 use quinn::{Endpoint, Incoming, RecvStream, SendStream};
 use splitee_common::LoadedModel;
 use splitee_common::protocol::{
-    ErrorCode, FrameKind, HEADER_LEN, Limits, MAX_HELLO_BODY_BYTES, ProtocolError, ReplyOptions,
-    PROTOCOL_VERSION, Response, Welcome, decode_header, decode_hello_body, decode_request_body,
-    encode_error_for_version, encode_response, header_version,
+    ErrorCode, FrameKind, HEADER_LEN, Limits, MAX_HELLO_BODY_BYTES, PROTOCOL_VERSION,
+    ProtocolError, ReplyOptions, Response, Welcome, decode_header, decode_hello_body,
+    decode_request_body, encode_error_for_version, encode_response, header_version,
 };
 use splitee_common::{http, transport};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
@@ -479,7 +479,12 @@ fn accept(
     let remote = incoming.remote_address();
     match shared.admit_connection(remote.ip()) {
         Ok(permit) => {
-            connections.spawn(connection(incoming, shared.clone(), requests.clone(), permit));
+            connections.spawn(connection(
+                incoming,
+                shared.clone(),
+                requests.clone(),
+                permit,
+            ));
         }
         Err(why) => {
             shared.metrics.connections_refused.inc();
@@ -578,7 +583,10 @@ enum Unreceived {
 
 impl Unreceived {
     fn malformed(message: String) -> Self {
-        Self::Answer(ProtocolError::new(ErrorCode::Malformed, message), PROTOCOL_VERSION)
+        Self::Answer(
+            ProtocolError::new(ErrorCode::Malformed, message),
+            PROTOCOL_VERSION,
+        )
     }
 }
 
@@ -652,13 +660,16 @@ async fn receive(
     // allocation that depends on what the client claims. An older client is refused in its
     // own version's framing, so that it can read why.
     let version = header_version(&header).unwrap_or(PROTOCOL_VERSION);
-    let (kind, len) = decode_header(&header, &[FrameKind::Request, FrameKind::Hello], |kind| {
-        match kind {
-            FrameKind::Hello => MAX_HELLO_BODY_BYTES,
-            _ => shared.limits.max_body_bytes,
-        }
-    })
-    .map_err(|error| Unreceived::Answer(error, version))?;
+    let (kind, len) =
+        decode_header(
+            &header,
+            &[FrameKind::Request, FrameKind::Hello],
+            |kind| match kind {
+                FrameKind::Hello => MAX_HELLO_BODY_BYTES,
+                _ => shared.limits.max_body_bytes,
+            },
+        )
+        .map_err(|error| Unreceived::Answer(error, version))?;
     let received = match kind {
         FrameKind::Hello => Received::Hello(read_body(recv, len).await?),
         _ => {

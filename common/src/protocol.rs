@@ -429,7 +429,11 @@ pub fn decode_header(
             format!(
                 "protocol version {version}, this side speaks {PROTOCOL_VERSION}: upgrade the \
                  {} side",
-                if version < PROTOCOL_VERSION { "sending" } else { "receiving" }
+                if version < PROTOCOL_VERSION {
+                    "sending"
+                } else {
+                    "receiving"
+                }
             ),
         ));
     }
@@ -644,12 +648,14 @@ impl OffloadRequest {
 #[cfg(any(test, fuzzing))]
 pub fn check_untrusted_input(data: &[u8], limits: &Limits) {
     if let Some(header) = data.first_chunk::<HEADER_LEN>() {
-        let _ = decode_header(header, &[FrameKind::Request, FrameKind::Hello], |kind| {
-            match kind {
+        let _ = decode_header(
+            header,
+            &[FrameKind::Request, FrameKind::Hello],
+            |kind| match kind {
                 FrameKind::Hello => MAX_HELLO_BODY_BYTES,
                 _ => limits.max_body_bytes,
-            }
-        });
+            },
+        );
         let body = &data[HEADER_LEN..];
         let _ = decode_request_body(body);
         if let Ok(hello) = decode_hello_body(body) {
@@ -1001,22 +1007,25 @@ mod tests {
         };
         let frame = encode_hello(&hello);
         let header = frame.first_chunk::<HEADER_LEN>().unwrap();
-        let (kind, len) =
-            decode_header(header, &[FrameKind::Request, FrameKind::Hello], |kind| {
-                if kind == FrameKind::Hello {
-                    MAX_HELLO_BODY_BYTES
-                } else {
-                    0
-                }
-            })
-            .unwrap();
+        let (kind, len) = decode_header(header, &[FrameKind::Request, FrameKind::Hello], |kind| {
+            if kind == FrameKind::Hello {
+                MAX_HELLO_BODY_BYTES
+            } else {
+                0
+            }
+        })
+        .unwrap();
         assert_eq!((kind, len), (FrameKind::Hello, frame.len() - HEADER_LEN));
         let decoded = decode_hello_body(&frame[HEADER_LEN..]).unwrap();
         assert_eq!(decoded, hello);
         decoded.validate(&FINGERPRINT).unwrap();
         let error = decoded.validate(&[1; 32]).unwrap_err();
         assert_eq!(error.code, ErrorCode::WrongFingerprint);
-        assert!(error.message.contains("0707070707070707"), "{}", error.message);
+        assert!(
+            error.message.contains("0707070707070707"),
+            "{}",
+            error.message
+        );
         // A hello where only requests are accepted, and one over the hello limit.
         assert_eq!(
             code(decode_header(header, &[FrameKind::Request], |_| 1 << 20)),
@@ -1108,7 +1117,9 @@ mod tests {
             num_layers: 6,
             receive_timeout_ms: 2_000,
         })));
-        seeds.push(encode_response(&ProtocolError::new(ErrorCode::Busy, "busy").into_frame(9)));
+        seeds.push(encode_response(
+            &ProtocolError::new(ErrorCode::Busy, "busy").into_frame(9),
+        ));
         let mut generator = Generator(0x5eed_f00d_dead_beef);
         const INPUTS: usize = 1_000_000;
         for _ in 0..INPUTS {

@@ -23,11 +23,11 @@
 //! # async fn run(request: splitee_common::protocol::OffloadRequest) -> Result<(), Box<dyn std::error::Error>> {
 //! use splitee_common::transport;
 //!
-//! let roots = transport::load_certs("certs/ca.pem".as_ref())?;
+//! let roots = transport::load_certs("certs/agent/ca.pem".as_ref())?;
 //! // With mutual TLS, also present a client certificate signed by the worker's client CA.
 //! let identity = Some((
-//!     transport::load_certs("certs/client.pem".as_ref())?,
-//!     transport::load_key("certs/client.key.pem".as_ref())?,
+//!     transport::load_certs("certs/agent/client.pem".as_ref())?,
+//!     transport::load_key("certs/agent/client.key.pem".as_ref())?,
 //! ));
 //! let endpoint = transport::client_endpoint(
 //!     "0.0.0.0:0".parse()?,
@@ -139,7 +139,9 @@ impl TransportError {
         };
         // QUIC carries a TLS alert as the transport error 0x100 + alert (RFC 9001, 4.8).
         let code = u64::from(close.error_code);
-        (0x100..0x200).contains(&code).then_some((code & 0xff) as u8)
+        (0x100..0x200)
+            .contains(&code)
+            .then_some((code & 0xff) as u8)
     }
 }
 
@@ -381,10 +383,7 @@ pub async fn offload(
     if request_id != request.request_id {
         return Err(ProtocolError::new(
             crate::protocol::ErrorCode::Malformed,
-            format!(
-                "{response:?} in answer to request {}",
-                request.request_id
-            ),
+            format!("{response:?} in answer to request {}", request.request_id),
         )
         .into());
     }

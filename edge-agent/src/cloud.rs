@@ -10,8 +10,10 @@
 //! Each request carries a deadline a little shorter than the agent's wait, so that the worker
 //! drops what it could not answer in time rather than compute it for nobody. A request that
 //! times out resets its own stream and is finished on the device; the connection and everything
-//! else in flight on it go on. A dead connection is QUIC's to find: keep-alives go out at a
-//! third of `cloud.idle_timeout_ms`, and a connection that hears nothing for that long closes.
+//! else in flight on it go on. A dead path is found two ways: a request that heard not one
+//! datagram from the worker during its whole wait (not even the ACK of its own bytes) ends the
+//! connection at once, and QUIC's idle timeout (keep-alives at a third of
+//! `cloud.idle_timeout_ms`) closes one that hears nothing for that long.
 //!
 //! The agent never waits for the cloud to come back: while the link is down, an offload fails
 //! at once ([`OffloadFailure::Unreachable`]) and the sample is finished on the device, and a
@@ -42,14 +44,22 @@ pub enum OffloadFailure {
     Timeout(u64),
     #[error("the worker is busy")]
     Busy,
+    /// The worker dropped the request unanswered: the deadline the agent gave it passed first.
     #[error("the worker could not answer within the request's deadline")]
-    Deadline,
+    Expired,
     #[error("the worker is shutting down")]
     ShuttingDown,
     #[error("the worker rejected the request ({code}): {message}")]
     Rejected { code: &'static str, message: String },
     #[error("connection lost: {0}")]
     ConnectionLost(String),
+    /// The sample's deadline (a `serve` request's) came before the answer; unlike a timeout
+    /// this says nothing about the link.
+    #[error("deadline: no answer by the request's deadline ({0} ms after sending)")]
+    Deadline(u64),
+    /// The deadline had passed before the offload began: nothing was sent.
+    #[error("deadline: it had passed before the offload")]
+    DeadlinePassed,
 }
 
 impl OffloadFailure {
@@ -59,11 +69,17 @@ impl OffloadFailure {
             Self::Unreachable(_) => "unreachable",
             Self::Timeout(_) => "timeout",
             Self::Busy => "busy",
-            Self::Deadline => "deadline",
+            Self::Expired => "expired",
             Self::ShuttingDown => "shutting_down",
             Self::Rejected { .. } => "rejected",
             Self::ConnectionLost(_) => "connection_lost",
+            Self::Deadline(_) | Self::DeadlinePassed => "deadline",
         }
+    }
+
+    /// Whether the request went out (and its bytes are charged) before it failed.
+    pub fn sent(&self) -> bool {
+        !matches!(self, Self::Unreachable(_) | Self::DeadlinePassed)
     }
 }
 
@@ -173,11 +189,21 @@ impl CloudLink {
         matches!(*self.lock(), LinkState::Connected { .. })
     }
 
-    /// Sends `request` with its deadline and waits for the answer, at most the request timeout.
+    /// Sends `request` and waits for the answer, at most the request timeout and at most until
+    /// the sample's `deadline` (a `serve` request's). The worker is given the shorter of the two,
+    /// less the round trip, as the request's own deadline.
     pub async fn offload(
         self: &Arc<Self>,
         mut request: OffloadRequest,
+        deadline: Option<Instant>,
     ) -> Result<CloudAnswer, OffloadFailure> {
+        let timeout = self.config.request_timeout();
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if left.is_some_and(|left| left.is_zero()) {
+            return Err(OffloadFailure::DeadlinePassed);
+        }
+        let cut_by_deadline = left.is_some_and(|left| left < timeout);
+        let wait = left.map_or(timeout, |left| left.min(timeout));
         let (connection, welcome) = self.connection()?;
         if request.seq_len > welcome.max_seq_len {
             return Err(OffloadFailure::Rejected {
@@ -188,14 +214,18 @@ impl CloudLink {
                 ),
             });
         }
-        let timeout = self.config.request_timeout();
-        let margin = (connection.rtt() + DEADLINE_SLACK).min(timeout / 2);
-        request.deadline_ms = u32::try_from((timeout - margin).as_millis())
+        let margin = (connection.rtt() + DEADLINE_SLACK).min(wait / 2);
+        request.deadline_ms = u32::try_from((wait - margin).as_millis())
             .unwrap_or(u32::MAX)
             .max(1);
         let frame = splitee_common::protocol::encode_request(&request);
+        // A request that times out resets only its stream: a slow worker is no reason to drop
+        // the other requests in flight. But when not one datagram (not even an ACK of the
+        // request) came back during the whole wait, the path is dead: waiting for QUIC's idle
+        // timeout would make every offload meanwhile pay a full timeout too.
+        let heard_before = connection.stats().udp_rx.datagrams;
         let started = Instant::now();
-        let outcome = transport::exchange(&connection, &frame, timeout).await;
+        let outcome = transport::exchange(&connection, &frame, wait).await;
         let round_trip_ms = started.elapsed().as_secs_f64() * 1e3;
         match outcome {
             Ok(Response::Answer(answer)) if answer.request_id == request.request_id => {
@@ -218,7 +248,7 @@ impl CloudLink {
             }),
             Ok(Response::Error(error)) => Err(match error.code {
                 ErrorCode::Busy => OffloadFailure::Busy,
-                ErrorCode::DeadlineExceeded => OffloadFailure::Deadline,
+                ErrorCode::DeadlineExceeded => OffloadFailure::Expired,
                 ErrorCode::ShuttingDown => {
                     self.lost(&connection, "the worker is shutting down".into());
                     OffloadFailure::ShuttingDown
@@ -231,7 +261,17 @@ impl CloudLink {
                     }
                 }
             }),
+            Err(TransportError::TimedOut(_)) if cut_by_deadline => {
+                Err(OffloadFailure::Deadline(wait.as_millis() as u64))
+            }
             Err(TransportError::TimedOut(_)) => {
+                if connection.stats().udp_rx.datagrams == heard_before {
+                    connection.close(0u32.into(), b"nothing heard");
+                    self.lost(
+                        &connection,
+                        format!("nothing heard from the worker for {} ms", wait.as_millis()),
+                    );
+                }
                 Err(OffloadFailure::Timeout(self.config.request_timeout_ms))
             }
             Err(TransportError::Protocol(error)) => Err(OffloadFailure::Rejected {
@@ -318,10 +358,7 @@ impl CloudLink {
                          have open: offloads beyond it wait for a stream and may time out"
                     );
                 }
-                *self
-                    .last_failure
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = None;
+                *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 *self.lock() = LinkState::Connected {
                     connection,
                     welcome,

@@ -41,30 +41,36 @@ enum Command {
         /// Input format; by default from the extension (.tsv, .csv, .jsonl; else lines).
         #[arg(long, value_enum)]
         format: Option<InputFormat>,
-        /// Where the JSON lines go (`-`: stdout).
+        /// Where the JSON lines go (`-`: stdout). An existing file is an error (a rerun must
+        /// not destroy earlier answers) unless `--overwrite` is given.
         #[arg(long, default_value = "-")]
         output: PathBuf,
+        /// Replace an existing `--output` file.
+        #[arg(long)]
+        overwrite: bool,
         /// Also write the summary as JSON here.
         #[arg(long)]
         summary_json: Option<PathBuf>,
-        /// Overrides the config's backend.
-        #[arg(long)]
-        backend: Option<BackendChoice>,
-        /// Overrides the config's cloud address.
-        #[arg(long)]
-        cloud: Option<SocketAddr>,
-        /// Overrides the config's model directory.
-        #[arg(long)]
-        model: Option<PathBuf>,
-        /// Overrides the config's edge_layers (layers the device loads).
-        #[arg(long)]
-        edge_layers: Option<usize>,
-        /// Ignore a saved bandit state (it is overwritten at the end).
-        #[arg(long)]
-        fresh_state: bool,
+        #[command(flatten)]
+        overrides: Overrides,
         /// Stop after this many samples.
         #[arg(long)]
         limit: Option<usize>,
+    },
+    /// Run as a device service: a local HTTP/JSON API (`POST /v1/classify`, `/readyz`,
+    /// `/healthz`, `/metrics`; edge-agent/openapi.json) until SIGTERM or SIGINT.
+    Serve {
+        /// Agent configuration; its [serve] table holds the API's settings.
+        #[arg(long, default_value = "configs/edge-agent.toml")]
+        config: PathBuf,
+        /// TCP address of the API (overrides serve.listen and serve.unix_socket).
+        #[arg(long, conflicts_with = "unix")]
+        listen: Option<SocketAddr>,
+        /// Listen on this Unix socket instead (overrides serve.unix_socket).
+        #[arg(long)]
+        unix: Option<PathBuf>,
+        #[command(flatten)]
+        overrides: Overrides,
     },
     /// Measure per-layer cost on this device; `--write` stores it in the config's [device].
     Profile {
@@ -97,44 +103,81 @@ enum Command {
     FetchModel(splitee_common::fetch::FetchArgs),
 }
 
+/// Settings the command line may override in the agent's config.
+#[derive(clap::Args)]
+struct Overrides {
+    /// Overrides the config's backend.
+    #[arg(long)]
+    backend: Option<BackendChoice>,
+    /// Overrides the config's cloud address.
+    #[arg(long)]
+    cloud: Option<SocketAddr>,
+    /// Overrides the config's model directory.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Overrides the config's edge_layers (layers the device loads).
+    #[arg(long)]
+    edge_layers: Option<usize>,
+    /// Overrides the config's cloud.ca (the CA the worker's certificate chains to).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Overrides the config's cloud.client_cert (mutual TLS; with --client-key).
+    #[arg(long, requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// Overrides the config's cloud.client_key.
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// Ignore a saved bandit state (it is overwritten when the agent saves).
+    #[arg(long)]
+    fresh_state: bool,
+}
+
+impl Overrides {
+    /// The config at `path` with these overrides.
+    fn load(&self, path: &Path) -> anyhow::Result<AgentConfig> {
+        let mut config = AgentConfig::from_file(path)?;
+        if let Some(backend) = self.backend {
+            config.backend = backend;
+        }
+        if let Some(model) = &self.model {
+            config.model = model.clone();
+        }
+        if self.edge_layers.is_some() {
+            config.edge_layers = self.edge_layers;
+        }
+        let cloud_flags = self.cloud.is_some() || self.ca.is_some() || self.client_cert.is_some();
+        if let (true, Some(cloud)) = (cloud_flags, config.cloud.as_mut()) {
+            if let Some(address) = self.cloud {
+                cloud.address = address;
+            }
+            if let Some(ca) = &self.ca {
+                cloud.ca = ca.clone();
+            }
+            if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
+                cloud.client_cert = Some(cert.clone());
+                cloud.client_key = Some(key.clone());
+            }
+        } else if cloud_flags {
+            anyhow::bail!("--cloud, --ca and --client-cert need a [cloud] table in the config");
+        }
+        Ok(config)
+    }
+}
+
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    splitee_common::logging::init("info");
     match Cli::parse().command {
         Command::Run {
             config,
             input,
             format,
             output,
+            overwrite,
             summary_json,
-            backend,
-            cloud,
-            model,
-            edge_layers,
-            fresh_state,
+            overrides,
             limit,
         } => {
-            let mut agent_config = AgentConfig::from_file(&config)?;
-            if let Some(backend) = backend {
-                agent_config.backend = backend;
-            }
-            if let Some(model) = model {
-                agent_config.model = model;
-            }
-            if edge_layers.is_some() {
-                agent_config.edge_layers = edge_layers;
-            }
-            if let Some(address) = cloud {
-                agent_config
-                    .cloud
-                    .as_mut()
-                    .context("--cloud needs a [cloud] table in the config (for its CA)")?
-                    .address = address;
-            }
+            let agent_config = overrides.load(&config)?;
             let (device, _) = pick_device(agent_config.backend);
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(run(RunArgs {
@@ -143,10 +186,34 @@ fn main() -> anyhow::Result<()> {
                 input,
                 format,
                 output,
+                overwrite,
                 summary_json,
-                fresh_state,
+                fresh_state: overrides.fresh_state,
                 limit,
             }))
+        }
+        Command::Serve {
+            config,
+            listen,
+            unix,
+            overrides,
+        } => {
+            let mut agent_config = overrides.load(&config)?;
+            if let Some(listen) = listen {
+                agent_config.serve.listen = listen;
+                agent_config.serve.unix_socket = None;
+            }
+            if unix.is_some() {
+                agent_config.serve.unix_socket = unix;
+            }
+            let (device, _) = pick_device(agent_config.backend);
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async {
+                let shutting_down = CancellationToken::new();
+                splitee_common::signals::shutdown_on_signals(shutting_down.clone())?;
+                edge_agent::serve::serve(agent_config, device, overrides.fresh_state, shutting_down)
+                    .await
+            })
         }
         Command::Profile {
             config,
@@ -207,6 +274,7 @@ struct RunArgs {
     input: PathBuf,
     format: Option<InputFormat>,
     output: PathBuf,
+    overwrite: bool,
     summary_json: Option<PathBuf>,
     fresh_state: bool,
     limit: Option<usize>,
@@ -215,23 +283,14 @@ struct RunArgs {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let stop = CancellationToken::new();
+    // SIGTERM (systemctl stop) drains like Ctrl-C: the samples started are answered, the
+    // output flushed and the state saved.
+    splitee_common::signals::shutdown_on_signals(stop.clone())?;
     let http = match args.config.metrics_listen {
-        Some(addr) => {
-            let listener = splitee_common::http::bind(addr)
-                .await
-                .with_context(|| format!("binding the metrics endpoint {addr}"))?;
-            let render = {
-                let metrics = metrics.clone();
-                Arc::new(move || metrics.encode())
-            };
-            tracing::info!(%addr, "serving /metrics and /healthz");
-            Some(tokio::spawn(splitee_common::http::serve_metrics(
-                listener,
-                render,
-                stop.clone(),
-                stop.clone(),
-            )))
-        }
+        Some(addr) => Some(
+            edge_agent::metrics::spawn_endpoint(addr, metrics.clone(), stop.clone(), stop.clone())
+                .await?,
+        ),
         None => None,
     };
     let mut agent = Agent::start(&args.config, args.device, metrics, args.fresh_state).await?;
@@ -256,22 +315,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         sender,
     )?;
 
-    {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                stop.cancel();
-            }
-        });
-    }
-
+    // Line-buffered: what reaches the output is whole records, even when a second signal
+    // ends the process at once.
     let mut out: Box<dyn Write> = if args.output == Path::new("-") {
-        Box::new(std::io::BufWriter::new(std::io::stdout().lock()))
+        Box::new(std::io::LineWriter::new(std::io::stdout().lock()))
     } else {
-        Box::new(std::io::BufWriter::new(
+        let file = if args.overwrite {
             std::fs::File::create(&args.output)
-                .with_context(|| format!("creating {}", args.output.display()))?,
-        ))
+        } else {
+            std::fs::File::create_new(&args.output)
+        };
+        let file = file.map_err(|error| {
+            let hint = if error.kind() == std::io::ErrorKind::AlreadyExists {
+                " (it exists: pass --overwrite to replace it)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("creating {}: {error}{hint}", args.output.display())
+        })?;
+        Box::new(std::io::LineWriter::new(file))
     };
     let progress = progress_bar(total.map(|t| args.limit.map_or(t, |l| t.min(l as u64))));
     let mut write_error = None;

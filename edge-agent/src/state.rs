@@ -54,6 +54,11 @@ impl StateFile {
         model_fingerprint: String,
         policy: PolicyConfig,
     ) -> anyhow::Result<Self> {
+        // A first run into a directory nobody made yet (`results/` in a fresh checkout).
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
         let lock_path = with_suffix(path, ".lock");
         let lock = OpenOptions::new()
             .create(true)
@@ -70,8 +75,7 @@ impl StateFile {
                 lock_path.display()
             ),
             Err(std::fs::TryLockError::Error(error)) => {
-                return Err(error)
-                    .with_context(|| format!("locking {}", lock_path.display()));
+                return Err(error).with_context(|| format!("locking {}", lock_path.display()));
             }
         }
         Ok(Self {
@@ -222,7 +226,7 @@ mod tests {
     #[test]
     fn a_restored_state_makes_the_same_choices_and_mismatches_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.json");
+        let path = dir.path().join("not-yet/state.json");
         let policy = PolicyConfig::Ucb1 { c: 1.0 };
         let file = StateFile::open(&path, "abc".into(), policy.clone()).unwrap();
         let mut live = controller(&policy, &[0.8, 0.9]);

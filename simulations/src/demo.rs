@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use burn::prelude::Device;
 use cloud_worker::{CertOptions, GeneratedCerts, Worker, WorkerConfig};
-use edge_agent::input::{self, InputFormat, InputRecord};
+use edge_agent::input::{self, InputRecord};
 use edge_agent::metrics::Metrics;
 use edge_agent::{Agent, AgentConfig, Answered, SampleRecord, Summary};
 use splitee_bandits::{ArmsConfig, PolicyConfig};
@@ -112,6 +112,7 @@ impl LocalCloud {
         };
         config.tls.cert = certs.server_cert.clone();
         config.tls.key = certs.server_key.clone();
+        config.tls.client_ca = Some(certs.worker_client_ca.clone());
         let model_dir = model.to_path_buf();
         let load_device = device.clone();
         let loaded =
@@ -131,10 +132,15 @@ impl LocalCloud {
     }
 }
 
-/// Reads `config` (TOML) as an agent configuration whose `[cloud]` trusts the CA `ca`; the
-/// file's other `[cloud]` keys (encoding, timeouts) are kept. The address is left unspecified:
+/// Reads `config` (TOML) as an agent configuration whose `[cloud]` holds the agent's files of
+/// `certs` (the CA, the client certificate and key: the local worker wants mutual TLS), or
+/// placeholder paths without them, to check a config before any worker exists; the file's
+/// other `[cloud]` keys (encoding, timeouts) are kept. The address is left unspecified:
 /// [`run_over_link`] points the agent at the link it starts.
-pub fn agent_config_for(config: &str, ca: &Path) -> anyhow::Result<AgentConfig> {
+pub fn agent_config_for(
+    config: &str,
+    certs: Option<&GeneratedCerts>,
+) -> anyhow::Result<AgentConfig> {
     let mut table: toml::Table = toml::from_str(config)?;
     let cloud = table
         .entry("cloud")
@@ -142,27 +148,16 @@ pub fn agent_config_for(config: &str, ca: &Path) -> anyhow::Result<AgentConfig> 
         .as_table_mut()
         .context("[cloud] must be a table")?;
     cloud.insert("address".into(), "127.0.0.1:0".into());
-    cloud.insert("ca".into(), ca.to_string_lossy().into_owned().into());
-    AgentConfig::from_toml(&toml::to_string(&table)?)
-}
-
-/// Reads up to `limit` records of a labelled TSV file.
-pub fn read_sentences(path: &Path, limit: usize) -> anyhow::Result<Vec<InputRecord>> {
-    let file = std::fs::File::open(path)
-        .with_context(|| format!("cannot open the sentences {}", path.display()))?;
-    let mut records = Vec::new();
-    input::read(
-        std::io::BufReader::new(file),
-        InputFormat::Tsv,
-        64 * 1024,
-        path,
-        |record| {
-            records.push(record);
-            records.len() < limit
+    let files = certs.map_or(
+        ["ca.pem", "client.pem", "client.key.pem"].map(PathBuf::from),
+        |certs| {
+            [&certs.agent_ca, &certs.client_cert, &certs.client_key].map(|path| path.to_owned())
         },
-    )?;
-    anyhow::ensure!(!records.is_empty(), "{} holds no sentence", path.display());
-    Ok(records)
+    );
+    for (key, path) in ["ca", "client_cert", "client_key"].into_iter().zip(files) {
+        cloud.insert(key.into(), path.to_string_lossy().into_owned().into());
+    }
+    AgentConfig::from_toml(&toml::to_string(&table)?)
 }
 
 /// Starts `link` in front of `upstream`, points `config` at it, and streams `inputs` through
@@ -278,12 +273,12 @@ pub async fn run_demo(
     let config_text = std::fs::read_to_string(&options.agent_config)
         .with_context(|| format!("reading {}", options.agent_config.display()))?;
     let link = LinkConfig::load(&options.link_config)?;
-    let sentences = read_sentences(&options.sentences, options.samples)?;
+    let sentences = input::read_tsv_file(&options.sentences, options.samples)?;
     std::fs::create_dir_all(&options.out)
         .with_context(|| format!("creating {}", options.out.display()))?;
 
-    // Checked before anything starts; the CA is the one generated below.
-    let mut template = agent_config_for(&config_text, Path::new("ca.pem"))
+    // Checked before anything starts; the certificates are generated below.
+    let template = agent_config_for(&config_text, None)
         .with_context(|| format!("in {}", options.agent_config.display()))?;
     let num_layers = ModelDir::open(&template.model)?.config.num_hidden_layers;
     let mut plan = vec![("bandit".to_owned(), None)];
@@ -313,9 +308,7 @@ pub async fn run_demo(
         options.link_config.display()
     );
     let cloud = LocalCloud::start(&template.model, device.clone()).await?;
-    if let Some(cloud_config) = template.cloud.as_mut() {
-        cloud_config.ca = cloud.certs.ca_cert.clone();
-    }
+    let template = agent_config_for(&config_text, Some(&cloud.certs))?;
     eprintln!(
         "demo: cloud worker on {} (certificates in a temporary directory)",
         cloud.worker.local_addr()

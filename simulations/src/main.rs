@@ -331,7 +331,7 @@ fn main() -> anyhow::Result<()> {
             backend,
         } => {
             // Warnings only by default: the progress bars are the demo's output.
-            init_logging("warn");
+            splitee_common::logging::init("warn");
             let options = DemoOptions {
                 agent_config: config,
                 link_config: link,
@@ -379,7 +379,7 @@ fn main() -> anyhow::Result<()> {
             listen,
             upstream,
         } => {
-            init_logging("info");
+            splitee_common::logging::init("info");
             let config = LinkConfig::load(&config)?;
             // One thread is plenty for a relay; the machine's cores stay with the services.
             tokio::runtime::Builder::new_current_thread()
@@ -389,15 +389,4 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// `tracing` to stderr at `default_level`, unless RUST_LOG says otherwise.
-fn init_logging(default_level: &str) {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_level.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use burn::prelude::Device;
 use edge_agent::{Answered, SampleRecord};
-use simulations::demo::{self, DemoOptions, LinkRun, LocalCloud, agent_config_for, read_sentences};
+use simulations::demo::{self, DemoOptions, LinkRun, LocalCloud, agent_config_for};
 use simulations::link::LinkConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -32,7 +32,7 @@ fn device() -> Device {
 
 /// The embedded labelled sentences (no `../shared` needed).
 fn sentences(n: usize) -> Vec<edge_agent::input::InputRecord> {
-    let records = read_sentences(
+    let records = edge_agent::input::read_tsv_file(
         &repo().join("simulations/data/sentences/sentence-polarity-test.tsv"),
         n,
     )
@@ -96,7 +96,7 @@ async fn run(
     interval: Duration,
 ) -> LinkRun {
     let link = LinkConfig::from_toml(link, &repo().join("configs/links")).unwrap();
-    let config = agent_config_for(agent, &cloud.certs.ca_cert).unwrap();
+    let config = agent_config_for(agent, Some(&cloud.certs)).unwrap();
     demo::run_over_link(
         "test",
         config,

@@ -105,9 +105,9 @@ async fn the_simulator_replays_the_live_demo() {
     let cloud = LocalCloud::start(Path::new("models/default"), device())
         .await
         .unwrap();
-    let config = demo::agent_config_for(&config_text, &cloud.certs.ca_cert).unwrap();
+    let config = demo::agent_config_for(&config_text, Some(&cloud.certs)).unwrap();
     let link = LinkConfig::load(Path::new("configs/links/lte.toml")).unwrap();
-    let sentences = demo::read_sentences(
+    let sentences = edge_agent::input::read_tsv_file(
         Path::new("simulations/data/sentences/sentence-polarity-test.tsv"),
         SAMPLES,
     )

@@ -901,7 +901,7 @@ fn every_shipped_agent_config_means_the_same_to_the_simulator() {
     for path in paths {
         let text = fs::read_to_string(&path).unwrap();
         // The demo's config gets its address and CA from the demo; the agent needs them.
-        let live = simulations::demo::agent_config_for(&text, Path::new("ca.pem"))
+        let live = simulations::demo::agent_config_for(&text, None)
             .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
         let simulated = simulations::experiment::AgentTables::from_file(&path).unwrap();
         simulated.validate().unwrap();
@@ -954,7 +954,7 @@ fn certified_arms_keep_their_bound_on_held_out_data_and_restrict_the_agent() {
     // Written into the config, the agent and the simulator play only the certified arms.
     let written = calibrated.write_into(&text, Path::new("dev.csv")).unwrap();
     assert!(written.contains("certified by `simulations calibrate`"));
-    let live = simulations::demo::agent_config_for(&written, Path::new("ca.pem")).unwrap();
+    let live = simulations::demo::agent_config_for(&written, None).unwrap();
     let (space, _) = live.arms.build(6, &[1, 2, 3, 4, 5, 6]).unwrap();
     assert_eq!(space.len(), certified.len());
     let simulated = simulations::experiment::AgentTables::from_agent_toml(&written).unwrap();

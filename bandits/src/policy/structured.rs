@@ -469,3 +469,115 @@ impl Policy for StructuredUcb {
         self.steps
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(known_offload: Option<f64>) -> StructuredUcb {
+        let space = ArmSpace::splits(2, 0.9).unwrap();
+        let range = RewardRange::new(-1.0, 1.0).unwrap();
+        StructuredUcb::new(&space, 0.25, 10.0, range, 0.01, known_offload).unwrap()
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-9
+    }
+
+    #[test]
+    fn an_arm_never_played_is_estimated_from_what_samples_revealed_of_it() {
+        let mut p = policy(None);
+        // Arm 0 (split 1) revealed by four samples: it would exit two (gains 0.95, 0.97) and
+        // offload two (one with C_L = 0.8 observed); its edge cost is 10 ms.
+        for (offloads, gain) in [
+            (false, Some(0.95)),
+            (false, Some(0.97)),
+            (true, Some(0.8)),
+            (true, None),
+        ] {
+            p.reveal(
+                ArmIndex(0),
+                Reveal {
+                    offloads,
+                    gain,
+                    edge: EdgeSeen::Known(10.0),
+                    tokens: 20.0,
+                },
+            )
+            .unwrap();
+        }
+        // The link: two offloads of 20 tokens at 50 and 70 ms, no cloud layers.
+        for cost in [50.0, 70.0] {
+            p.observe_link(LinkSample {
+                cost,
+                cloud_cost: 0.0,
+                cloud_layer_cost: None,
+                tokens: 20.0,
+                answer_confidence: Some(0.8),
+            })
+            .unwrap();
+        }
+        let (mean, q, _) = p.estimate(0, None).unwrap();
+        assert!(close(q, 0.5));
+        // C_L: one observation with five pseudo-observations of the mean answer (0.8).
+        let offload_gain = (0.8 + 5.0 * 0.8) / 6.0;
+        // The link: the fit of (50, 70) plus one pseudo-offload at their long-run mean, 60.
+        let gain = 0.5 * 0.96 + 0.5 * offload_gain;
+        assert!(close(mean, gain - 0.01 * (10.0 + 0.5 * 60.0)), "{mean}");
+        assert_eq!(p.estimate(1, None), None, "arm 1 was never revealed");
+    }
+
+    #[test]
+    fn a_forgotten_link_reverts_to_its_long_run_cost_and_measured_layers_extrapolate() {
+        let mut p = policy(None);
+        for cost in [40.0, 40.0, 40.0, 400.0] {
+            p.observe_link(LinkSample {
+                cost,
+                cloud_cost: 0.0,
+                cloud_layer_cost: None,
+                tokens: 10.0,
+                answer_confidence: None,
+            })
+            .unwrap();
+        }
+        let recent = p.link.predict(10.0).0;
+        // 200 samples later (memory 10), the recent offloads are forgotten.
+        for _ in 0..200 {
+            p.update(ArmIndex(0), 0.5).unwrap();
+        }
+        let (forgotten, _) = p.link.predict(10.0);
+        assert!(close(forgotten, 130.0), "{forgotten}: the mean of all four");
+        assert!(recent < 130.0 + 1e-9 && recent > 40.0);
+        // Layer 2 measured on one sample (8 ms after layer 1's 5): an arm revealed by a sample
+        // that stopped at layer 1 is charged layer 2 from that measurement.
+        p.observe_device(&[5.0, 13.0]).unwrap();
+        p.reveal(
+            ArmIndex(1),
+            Reveal {
+                offloads: false,
+                gain: Some(0.9),
+                edge: EdgeSeen::Partly {
+                    cost: 5.0,
+                    ran: 1,
+                    stop: 2,
+                },
+                tokens: 10.0,
+            },
+        )
+        .unwrap();
+        let (mean, ..) = p.estimate(1, p.pooled_layer_cost()).unwrap();
+        assert!(close(mean, 0.9 - 0.01 * (5.0 + 8.0)), "{mean}");
+        let bad = Reveal {
+            offloads: false,
+            gain: Some(0.9),
+            edge: EdgeSeen::Partly {
+                cost: 5.0,
+                ran: 2,
+                stop: 2,
+            },
+            tokens: 10.0,
+        };
+        assert!(p.reveal(ArmIndex(1), bad).is_err());
+        assert!(p.reveal(ArmIndex(7), bad).is_err());
+    }
+}

@@ -70,7 +70,10 @@ async fn connections_beyond_the_default_caps_are_refused_after_address_validatio
     }
     let newcomer = peer_endpoint(&harness, [127, 0, 1, 1]);
     attempts += 1;
-    assert!(served(&harness, &newcomer).await.is_none(), "past the worker's cap");
+    assert!(
+        served(&harness, &newcomer).await.is_none(),
+        "past the worker's cap"
+    );
     let metrics = harness.worker.metrics();
     assert_eq!(metrics.connections_refused.get(), 5);
     assert!(
@@ -88,12 +91,18 @@ async fn connections_beyond_the_default_caps_are_refused_after_address_validatio
         if let Some(connection) = served(&harness, &newcomer).await {
             break connection;
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "no place was given back");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no place was given back"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let request = harness.request("let in", 5, PayloadEncoding::F32, 1);
     expect_answer(transport::offload(&again, &request, TIMEOUT).await.unwrap());
-    println!("{attempts} connection attempts, {} Retries sent", metrics.retries.get());
+    println!(
+        "{attempts} connection attempts, {} Retries sent",
+        metrics.retries.get()
+    );
     harness.worker.shutdown().await.unwrap();
 }
 
@@ -115,7 +124,10 @@ async fn a_peer_at_its_share_of_the_slots_gets_busy_and_others_are_served() {
     let admitted = [send(&greedy), send(&greedy)];
     tokio::time::sleep(Duration::from_millis(100)).await;
     for _ in 0..2 {
-        match transport::offload(&greedy, &request, TIMEOUT).await.unwrap() {
+        match transport::offload(&greedy, &request, TIMEOUT)
+            .await
+            .unwrap()
+        {
             Response::Error(error) => {
                 assert_eq!(error.code, ErrorCode::Busy);
                 assert!(error.message.contains("share of 2"), "{}", error.message);
@@ -126,7 +138,11 @@ async fn a_peer_at_its_share_of_the_slots_gets_busy_and_others_are_served() {
     let other_peer = served(&harness, &peer_endpoint(&harness, [127, 0, 0, 2]))
         .await
         .unwrap();
-    expect_answer(transport::offload(&other_peer, &request, TIMEOUT).await.unwrap());
+    expect_answer(
+        transport::offload(&other_peer, &request, TIMEOUT)
+            .await
+            .unwrap(),
+    );
     for task in admitted {
         expect_answer(task.await.unwrap().unwrap());
     }
@@ -156,7 +172,10 @@ async fn bodies_still_arriving_hold_the_connections_budget_and_no_slot() {
     // Those past the budget are told at once; the others wait for their bodies.
     let mut answers = Vec::new();
     for (_, recv) in &mut streams {
-        answers.push(tokio::time::timeout(Duration::from_millis(300), recv.read_to_end(1 << 16)));
+        answers.push(tokio::time::timeout(
+            Duration::from_millis(300),
+            recv.read_to_end(1 << 16),
+        ));
     }
     let mut busy = 0;
     for answer in answers {
@@ -166,14 +185,22 @@ async fn bodies_still_arriving_hold_the_connections_budget_and_no_slot() {
                 panic!("a stalled request was answered")
             };
             assert_eq!(error.code, ErrorCode::Busy);
-            assert!(error.message.contains("this connection"), "{}", error.message);
+            assert!(
+                error.message.contains("this connection"),
+                "{}",
+                error.message
+            );
             busy += 1;
         }
     }
     let metrics = harness.worker.metrics();
     assert_eq!(busy, 3);
     assert_eq!(metrics.receiving_bytes.get(), (fits * largest) as i64);
-    assert_eq!(metrics.in_flight.get(), 0, "a body still arriving took a slot");
+    assert_eq!(
+        metrics.in_flight.get(),
+        0,
+        "a body still arriving took a slot"
+    );
     // Meanwhile another connection is served as usual.
     let other = harness.connect().await;
     let request = harness.request("unaffected", 5, PayloadEncoding::F32, 7);

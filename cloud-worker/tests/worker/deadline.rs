@@ -28,7 +28,10 @@ async fn work_past_its_deadline_or_for_a_gone_client_is_never_computed() {
     );
     match late.unwrap() {
         Response::Error(error) => {
-            assert_eq!((error.code, error.request_id), (ErrorCode::DeadlineExceeded, 1));
+            assert_eq!(
+                (error.code, error.request_id),
+                (ErrorCode::DeadlineExceeded, 1)
+            );
             assert!(error.message.contains("deadline"), "{}", error.message);
         }
         other => panic!("a request past its deadline was answered: {other:?}"),
@@ -43,7 +46,11 @@ async fn work_past_its_deadline_or_for_a_gone_client_is_never_computed() {
     assert_eq!(metrics.computed.get(), 0, "the worker computed for nobody");
     // The worker computes what can still be answered.
     let good = harness.request("in time", 4, PayloadEncoding::F32, 3);
-    expect_answer(transport::offload(&connection, &good, TIMEOUT).await.unwrap());
+    expect_answer(
+        transport::offload(&connection, &good, TIMEOUT)
+            .await
+            .unwrap(),
+    );
     assert_eq!(metrics.computed.get(), 1);
     harness.worker.shutdown().await.unwrap();
 }

@@ -24,8 +24,11 @@ async fn answers_equal_the_local_model_for_every_split_and_encoding() {
             for (e, encoding) in PayloadEncoding::ALL.into_iter().enumerate() {
                 id += 1;
                 let request = harness.request(text, split, encoding, id);
-                let answer =
-                    expect_answer(transport::offload(&connection, &request, TIMEOUT).await.unwrap());
+                let answer = expect_answer(
+                    transport::offload(&connection, &request, TIMEOUT)
+                        .await
+                        .unwrap(),
+                );
                 assert_eq!(answer.request_id, id);
                 assert_eq!(answer.exit_layer, 6);
                 assert_eq!(answer.probs.len(), local.len());
@@ -90,7 +93,12 @@ async fn concurrent_requests_of_different_lengths_are_batched_invisibly() {
         .enumerate()
         .map(|(i, text)| harness.request(text, 2, PayloadEncoding::F32, i as u64))
         .collect();
-    let answers = join_all(requests.iter().map(|r| transport::offload(&connection, r, TIMEOUT))).await;
+    let answers = join_all(
+        requests
+            .iter()
+            .map(|r| transport::offload(&connection, r, TIMEOUT)),
+    )
+    .await;
     let mut biggest = 0;
     for (text, answer) in texts.iter().zip(answers) {
         let answer = expect_answer(answer.unwrap());
@@ -129,7 +137,12 @@ async fn cloud_exits_answer_at_the_first_confident_layer() {
         with_threshold(2, Some(1.0)),
         with_threshold(3, None),
     ];
-    let answers = join_all(requests.iter().map(|r| transport::offload(&connection, r, TIMEOUT))).await;
+    let answers = join_all(
+        requests
+            .iter()
+            .map(|r| transport::offload(&connection, r, TIMEOUT)),
+    )
+    .await;
     let answers: Vec<_> = answers
         .into_iter()
         .map(|a| expect_answer(a.unwrap()))
@@ -153,7 +166,10 @@ async fn cloud_exits_answer_at_the_first_confident_layer() {
     let connection = harness.connect().await;
     let mut request = harness.request(text, split, PayloadEncoding::F32, 7);
     request.options.cloud_exit_threshold = Some(0.0);
-    let Response::Answer(answer) = transport::offload(&connection, &request, TIMEOUT).await.unwrap() else {
+    let Response::Answer(answer) = transport::offload(&connection, &request, TIMEOUT)
+        .await
+        .unwrap()
+    else {
         panic!("expected an answer")
     };
     assert_eq!(answer.exit_layer, 6);

@@ -29,7 +29,10 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
     let (status, _) = http_get(metrics_addr, "/healthz").await;
     assert_eq!(status, 503);
     // ...new requests are refused with a clear code...
-    match transport::offload(&connection, &request, TIMEOUT).await.unwrap() {
+    match transport::offload(&connection, &request, TIMEOUT)
+        .await
+        .unwrap()
+    {
         Response::Error(error) => assert_eq!(error.code, ErrorCode::ShuttingDown),
         answer => panic!("a request after the shutdown began was served: {answer:?}"),
     }

@@ -7,82 +7,23 @@ mod overload;
 mod sigterm;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use burn::prelude::*;
-use cloud_worker::{CertOptions, GeneratedCerts, Worker, WorkerConfig};
-use edge_agent::input::{self, InputFormat, InputRecord};
+use cloud_worker::GeneratedCerts;
+use edge_agent::input::InputRecord;
 use edge_agent::metrics::Metrics;
 use edge_agent::{Agent, AgentConfig, Answered, SampleRecord, Summary};
-use splitee_common::{BackendChoice, LoadedModel, ModelDir};
+use splitee_common::{LoadedModel, ModelDir};
 use tokio_util::sync::CancellationToken;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+#[path = "../support/mod.rs"]
+mod support;
+use support::{certs, device, load_model, repo, sentences};
 
-fn model_dir() -> PathBuf {
-    repo().join("models/default")
-}
-
-fn device() -> Device {
-    BackendChoice::Flex.device().unwrap()
-}
-
-/// The first `n` labelled sentences of the shared test split.
-fn sentences(n: usize) -> Vec<InputRecord> {
-    let path = repo().join("../shared/data/sentence-polarity/test.tsv");
-    let file = std::fs::File::open(&path).unwrap_or_else(|e| {
-        panic!(
-            "these tests need ../shared beside the repository ({}): {e}",
-            path.display()
-        )
-    });
-    let mut records = Vec::new();
-    input::read(
-        std::io::BufReader::new(file),
-        InputFormat::Tsv,
-        64 * 1024,
-        &path,
-        |r| {
-            records.push(r);
-            records.len() < n
-        },
-    )
-    .unwrap();
-    assert_eq!(records.len(), n);
-    records
-}
-
-fn certs(dir: &Path) -> GeneratedCerts {
-    cloud_worker::gen_certs(&CertOptions {
-        out_dir: dir.to_owned(),
-        ..CertOptions::default()
-    })
-    .unwrap()
-}
-
-fn load_model() -> LoadedModel {
-    ModelDir::open(&model_dir())
-        .unwrap()
-        .load(&device())
-        .unwrap()
-}
-
-async fn start_worker(certs: &GeneratedCerts, listen: &str) -> Worker {
-    let mut config = WorkerConfig {
-        listen: listen.parse().unwrap(),
-        metrics_listen: None,
-        shutdown_timeout_ms: 5_000,
-        ..WorkerConfig::default()
-    };
-    config.tls.cert = certs.server_cert.clone();
-    config.tls.key = certs.server_key.clone();
-    config.tls.client_ca = Some(certs.worker_client_ca.clone());
-    let model = tokio::task::spawn_blocking(load_model).await.unwrap();
-    Worker::start(&config, model, device()).await.unwrap()
+async fn start_worker(certs: &GeneratedCerts, listen: &str) -> cloud_worker::Worker {
+    support::start_worker(certs, listen, |_| {}).await
 }
 
 /// An agent config on the default model; `tables` holds [arms], [policy], … as TOML.
@@ -90,17 +31,7 @@ fn agent_config(
     cloud: Option<(&GeneratedCerts, std::net::SocketAddr)>,
     tables: &str,
 ) -> AgentConfig {
-    let mut text = format!("model = {:?}\n", model_dir().to_str().unwrap());
-    if let Some((certs, address)) = cloud {
-        text.push_str(&format!(
-            "[cloud]\naddress = \"{address}\"\nca = {:?}\nclient_cert = {:?}\n\
-             client_key = {:?}\nencoding = \"f32\"\nrequest_timeout_ms = 3000\n\
-             connect_timeout_ms = 300\nbackoff_initial_ms = 100\nbackoff_max_ms = 400\n",
-            certs.agent_ca, certs.client_cert, certs.client_key
-        ));
-    }
-    text.push_str(tables);
-    AgentConfig::from_toml(&text).unwrap()
+    AgentConfig::from_toml(&support::agent_toml(cloud, tables)).unwrap()
 }
 
 /// Runs `records` through `agent`, calling `on_record` with each output record.
@@ -400,19 +331,24 @@ fn bad_input_lines_get_error_records_and_the_run_goes_on() {
     drop(file);
     let output = dir.path().join("out.jsonl");
     let summary = dir.path().join("summary.json");
-    let status = Command::new(env!("CARGO_BIN_EXE_edge-agent"))
-        .current_dir(repo())
-        .args(["run", "--config"])
-        .arg(&config)
-        .arg("--input")
-        .arg(&input)
-        .arg("--output")
-        .arg(&output)
-        .arg("--summary-json")
-        .arg(&summary)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let run_agent = |extra: &[&std::ffi::OsStr]| {
+        Command::new(env!("CARGO_BIN_EXE_edge-agent"))
+            .current_dir(repo())
+            .args(["run", "--config"])
+            .arg(&config)
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    assert!(
+        run_agent(&["--summary-json".as_ref(), summary.as_os_str()])
+            .status
+            .success()
+    );
     let records: Vec<serde_json::Value> = std::fs::read_to_string(&output)
         .unwrap()
         .lines()
@@ -442,6 +378,15 @@ fn bad_input_lines_get_error_records_and_the_run_goes_on() {
     assert_eq!(summary["errors"], 4);
     assert_eq!(summary["answered"], 2);
     assert_eq!(summary["labelled"], 2);
+
+    // A rerun does not destroy the answers it would replace, unless told to.
+    let refused = run_agent(&[]);
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("--overwrite"), "{message}");
+    assert_eq!(std::fs::read_to_string(&output).unwrap().lines().count(), 6);
+    assert!(run_agent(&["--overwrite".as_ref()]).status.success());
+    assert_eq!(std::fs::read_to_string(&output).unwrap().lines().count(), 6);
 }
 
 /// A fresh controller of `config`, built as the agent builds its own.

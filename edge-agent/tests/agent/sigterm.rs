@@ -13,17 +13,10 @@ async fn sigterm_mid_run_answers_every_started_sample_and_saves_the_state() {
     let dir = tempfile::tempdir().unwrap();
     let certs = certs(dir.path());
     // Offloads wait 100 ms for their batch to fill, so several are in flight at any time.
-    let mut worker_config = WorkerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
-        ..WorkerConfig::default()
-    };
-    worker_config.tls.cert = certs.server_cert.clone();
-    worker_config.tls.key = certs.server_key.clone();
-    worker_config.tls.client_ca = Some(certs.worker_client_ca.clone());
-    worker_config.batching.max_wait_us = 100_000;
-    let model = tokio::task::spawn_blocking(load_model).await.unwrap();
-    let worker = Worker::start(&worker_config, model, device()).await.unwrap();
+    let worker = support::start_worker(&certs, "127.0.0.1:0", |config| {
+        config.batching.max_wait_us = 100_000;
+    })
+    .await;
 
     let state = dir.path().join("state.json");
     let config = dir.path().join("agent.toml");
@@ -34,7 +27,7 @@ async fn sigterm_mid_run_answers_every_started_sample_and_saves_the_state() {
              [cloud]\naddress = \"{}\"\nca = {:?}\nclient_cert = {:?}\nclient_key = {:?}\n\
              request_timeout_ms = 5000\n\
              [arms]\nsplits = [1, 2]\nthresholds = [1.0]\n[policy]\nkind = \"ucb1\"\n",
-            model_dir(),
+            support::model_dir(),
             state,
             worker.local_addr(),
             certs.agent_ca,
@@ -69,7 +62,10 @@ async fn sigterm_mid_run_answers_every_started_sample_and_saves_the_state() {
     // Mid-run: once 100 records are out (a few seconds), and well before the 5,000th.
     let started = Instant::now();
     while std::fs::read_to_string(&output).map_or(0, |text| text.lines().count()) < 100 {
-        assert!(started.elapsed() < Duration::from_secs(120), "the agent is stuck");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the agent is stuck"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let status = Command::new("kill")
@@ -82,7 +78,10 @@ async fn sigterm_mid_run_answers_every_started_sample_and_saves_the_state() {
         .unwrap();
     let log = log.join().unwrap();
     let log = log.join("\n");
-    assert!(exit.success(), "the agent exited with {exit:?} after SIGTERM:\n{log}");
+    assert!(
+        exit.success(),
+        "the agent exited with {exit:?} after SIGTERM:\n{log}"
+    );
 
     let text = std::fs::read_to_string(&output).unwrap();
     assert!(text.ends_with('\n'), "the last record is cut short");

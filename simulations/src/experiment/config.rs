@@ -86,8 +86,9 @@ pub struct AgentTables {
 }
 
 /// Keys of an agent config the simulation has no use for.
-const LIVE_ONLY: [&str; 6] = [
+const LIVE_ONLY: [&str; 7] = [
     "model",
+    "serve",
     "backend",
     "state_file",
     "save_state_every",
@@ -103,7 +104,7 @@ const LIVE_ONLY_CLOUD: [&str; 9] = [
     "connect_timeout_ms",
     "backoff_initial_ms",
     "backoff_max_ms",
-    "timeouts_before_reconnect",
+    "idle_timeout_ms",
 ];
 
 /// `[pipeline]`, as the agent reads it.
