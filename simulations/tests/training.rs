@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use simulations::training::{Distillation, Stage, Storage, Strategy, TrainConfig, Trainer};
+use simulations::training::{
+    Distillation, HeadSelection, Stage, Storage, Strategy, TrainConfig, Trainer,
+};
 use splitee_common::{BackendChoice, ModelDir};
 
 fn shared() -> PathBuf {
@@ -36,6 +38,7 @@ fn config(dir: &Path, strategy: Strategy) -> TrainConfig {
         max_train_examples: None,
         checkpoint_dir: Some(dir.join("checkpoints")),
         storage: Storage::F16,
+        feature_cache: None,
     }
 }
 
@@ -96,6 +99,7 @@ fn separate_training_with_distillation_lowers_both_stages_losses() {
             temperature: 2.0,
             alpha: 0.5,
         }),
+        head_selection: HeadSelection::Mean,
     };
     let report = Trainer::new(
         &config(dir.path(), strategy),
@@ -114,6 +118,108 @@ fn separate_training_with_distillation_lowers_both_stages_losses() {
         heads[3] < heads[0],
         "exit-head loss did not fall: {heads:?}"
     );
+}
+
+/// Names of the files in `dir`, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Without a fine-tune the backbone is never trained, so a run writes exit heads beside it:
+/// elsewhere a directory with the base's own files, into the base only the two exit files.
+#[test]
+fn frozen_backbone_training_writes_exit_heads_beside_the_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let strategy = Strategy::Separate {
+        finetune: None,
+        heads: stage(3, 1e-2),
+        distillation: Some(Distillation {
+            temperature: 2.0,
+            alpha: 0.5,
+        }),
+        head_selection: HeadSelection::Each,
+    };
+    let mut config = config(dir.path(), strategy);
+    let cache = dir.path().join("features");
+    config.feature_cache = Some(cache.clone());
+    let device = BackendChoice::Flex.device().unwrap();
+    let report = Trainer::new(&config, device.clone(), false).run().unwrap();
+    assert_eq!(losses(&report, "final head").len(), 3);
+    let heads = losses(&report, "exit heads");
+    assert!(
+        heads[2] < heads[0],
+        "exit-head loss did not fall: {heads:?}"
+    );
+    let base = &config.base_model;
+    for name in ["config.json", "tokenizer.json", "model.safetensors"] {
+        let (copy, original) = (config.output.join(name), base.join(name));
+        assert_eq!(
+            std::fs::read(copy).unwrap(),
+            std::fs::read(original).unwrap(),
+            "{name}"
+        );
+    }
+    let saved = ModelDir::open(&config.output).unwrap();
+    assert!(saved.exits_trained);
+    saved.load(&device).unwrap();
+    assert!(
+        dir.path()
+            .join("checkpoints/exit-heads-epoch-3/exits.safetensors")
+            .is_file()
+    );
+
+    let cached = listing(&cache);
+    assert_eq!(cached.len(), 2, "train and dev features: {cached:?}");
+    let cached_at: Vec<_> = cached
+        .iter()
+        .map(|name| {
+            std::fs::metadata(cache.join(name))
+                .unwrap()
+                .modified()
+                .unwrap()
+        })
+        .collect();
+
+    // Into a copy of the base itself: two files more, the others untouched. The same backbone
+    // bytes and samples, so the features come from the cache.
+    let own = dir.path().join("base");
+    std::fs::create_dir(&own).unwrap();
+    for name in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::fs::copy(base.join(name), own.join(name)).unwrap();
+    }
+    let weights_before = std::fs::metadata(own.join("model.safetensors")).unwrap();
+    config.base_model = own.clone();
+    config.output = own.clone();
+    config.checkpoint_dir = None;
+    Trainer::new(&config, device.clone(), false).run().unwrap();
+    assert_eq!(
+        listing(&own),
+        [
+            "config.json",
+            "exits.json",
+            "exits.safetensors",
+            "model.safetensors",
+            "tokenizer.json"
+        ]
+    );
+    let weights_after = std::fs::metadata(own.join("model.safetensors")).unwrap();
+    assert_eq!(
+        weights_after.modified().unwrap(),
+        weights_before.modified().unwrap()
+    );
+    assert_eq!(listing(&cache), cached);
+    for (name, at) in cached.iter().zip(&cached_at) {
+        let now = std::fs::metadata(cache.join(name))
+            .unwrap()
+            .modified()
+            .unwrap();
+        assert_eq!(&now, at, "{name} was rewritten");
+    }
 }
 
 #[test]
