@@ -26,6 +26,8 @@ pub enum Splits {
 /// check = "split-only"    # | "every-layer"
 /// fallback = "offload"    # | "exit-at-split"
 /// evaluate_all_heads = true
+/// # allowed = [[2, 0.9], [6, 0.9]]   # only these (split, threshold) of the grid, e.g. the
+/// #                                   # certified ones `simulations calibrate` writes
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,6 +42,10 @@ pub struct ArmsConfig {
     /// head per layer, and gives side-information policies (SplitEE-S) more to learn from.
     #[serde(default = "yes")]
     pub evaluate_all_heads: bool,
+    /// Restricts the grid to these `(split, threshold)` pairs (a certified set: see
+    /// [`crate::calibrate`]); each must be in the grid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed: Option<Vec<(usize, f64)>>,
 }
 
 fn split_only() -> ExitCheck {
@@ -72,7 +78,29 @@ impl ArmsConfig {
         exit_layers: &[usize],
     ) -> Result<(ArmSpace, DecisionRule), BanditError> {
         let splits = self.split_layers(exit_layers)?;
-        let space = ArmSpace::grid(num_layers, &splits, &self.thresholds)?;
+        let mut space = ArmSpace::grid(num_layers, &splits, &self.thresholds)?;
+        if let Some(allowed) = &self.allowed {
+            let grid = space.arms();
+            for &(split, threshold) in allowed {
+                if !grid
+                    .iter()
+                    .any(|a| a.split == split && a.threshold == threshold)
+                {
+                    return Err(BanditError::InvalidConfig(format!(
+                        "arms.allowed: ({split}, {threshold}) is not in the grid of splits {} × \
+                         thresholds {:?}",
+                        self.describe_splits(),
+                        self.thresholds
+                    )));
+                }
+            }
+            let kept = grid
+                .iter()
+                .copied()
+                .filter(|a| allowed.contains(&(a.split, a.threshold)))
+                .collect();
+            space = ArmSpace::from_arms(num_layers, kept)?;
+        }
         let rule = DecisionRule {
             check: self.check,
             fallback: self.fallback,
@@ -345,6 +373,24 @@ mod tests {
             every.build(6, &[2, 4, 6]),
             Err(BanditError::NoExitHead { layer: 1, split: 4 })
         );
+    }
+
+    #[test]
+    fn allowed_restricts_the_grid_to_known_arms() {
+        let arms =
+            config("splits = [2, 6]\nthresholds = [0.8, 0.9]\nallowed = [[6, 0.9], [2, 0.9]]");
+        let (space, _) = arms.build(6, &[2, 4, 6]).unwrap();
+        let pairs: Vec<(usize, f64)> = space
+            .arms()
+            .iter()
+            .map(|a| (a.split, a.threshold))
+            .collect();
+        assert_eq!(pairs, [(2, 0.9), (6, 0.9)], "grid order kept");
+        let stray = config("splits = [2, 6]\nthresholds = [0.9]\nallowed = [[4, 0.9]]");
+        let error = stray.build(6, &[2, 4, 6]).unwrap_err().to_string();
+        assert!(error.contains("(4, 0.9) is not in the grid"), "{error}");
+        let none = config("splits = [2]\nthresholds = [0.9]\nallowed = []");
+        assert_eq!(none.build(6, &[2, 6]), Err(BanditError::EmptyArmSet));
     }
 
     #[test]

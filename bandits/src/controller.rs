@@ -1,13 +1,15 @@
 use serde::{Deserialize, Serialize};
 
 use crate::arms::{Arm, ArmIndex, ArmSpace};
+use crate::decision::decide;
 use crate::decision::{Decision, DecisionRule};
 use crate::error::BanditError;
 use crate::measure::ExitsConfig;
 use crate::observation::Observation;
+use crate::observation::Outcome;
 use crate::pass::DevicePass;
-use crate::policy::{AnyPolicy, Policy, PolicyConfig};
-use crate::reward::{RewardModel, RewardRange};
+use crate::policy::{AnyPolicy, EdgeSeen, LinkSample, Policy, PolicyConfig, Reveal, StructuredUcb};
+use crate::reward::{EdgeCost, OffloadCost, RewardKind, RewardModel, RewardRange};
 use crate::settle::{self, Reported, SampleReport, Settlement};
 
 /// Everything the edge agent and the simulator need, in one serializable value: the arm
@@ -66,7 +68,30 @@ impl Controller {
             Some(r) => r,
             None => reward.range(space.num_layers())?,
         };
-        let policy = policy.build(space.len(), range)?;
+        let policy = match *policy {
+            PolicyConfig::StructuredUcb { c, link_memory } => {
+                if reward.kind == RewardKind::AdaEe {
+                    return Err(BanditError::InvalidConfig(
+                        "structured-ucb needs the split-ee or uee-proxy reward: AdaEE's gain \
+                         depends on the offload"
+                            .into(),
+                    ));
+                }
+                let known_offload = match reward.cost.offload {
+                    OffloadCost::Constant(o) => Some(o),
+                    OffloadCost::Measured => None,
+                };
+                AnyPolicy::Structured(StructuredUcb::new(
+                    &space,
+                    c,
+                    link_memory,
+                    range,
+                    reward.cost.lambda,
+                    known_offload,
+                )?)
+            }
+            _ => policy.build(space.len(), range)?,
+        };
         Ok(Controller {
             space,
             rule,
@@ -104,8 +129,8 @@ impl Controller {
     /// (see [`crate::settle`]). Nothing is learnt when it cannot be priced.
     pub fn settle(&mut self, report: &SampleReport<'_>) -> Result<Settlement, BanditError> {
         let (settlement, obs) = self.priced(report)?;
-        let side_information = !matches!(report.outcome, Reported::Failed(_));
-        self.update(report.arm, &obs, settlement.reward, side_information)?;
+        let failed = matches!(report.outcome, Reported::Failed(_));
+        self.update(report.arm, &obs, settlement.reward, failed)?;
         Ok(settlement)
     }
 
@@ -157,21 +182,26 @@ impl Controller {
     pub fn learn(&mut self, played: ArmIndex, obs: &Observation<'_>) -> Result<f64, BanditError> {
         self.arm(played)?;
         let reward = self.reward.reward(self.space.num_layers(), obs)?;
-        self.update(played, obs, reward, true)?;
+        self.update(played, obs, reward, false)?;
         Ok(reward)
     }
 
+    /// `failed`: the sample's offload failed and the device finished it; such a sample
+    /// teaches only the played arm, and its answer is not the cloud's.
     fn update(
         &mut self,
         played: ArmIndex,
         obs: &Observation<'_>,
         reward: f64,
-        side_information: bool,
+        failed: bool,
     ) -> Result<(), BanditError> {
         let arm = self.arm(played)?;
         let num_layers = self.space.num_layers();
         self.policy.update(played, reward)?;
-        if side_information && self.policy.uses_side_information() {
+        if let AnyPolicy::Structured(policy) = &mut self.policy {
+            return reveal(policy, &self.space, self.rule, &self.reward, obs, failed);
+        }
+        if !failed && self.policy.uses_side_information() {
             for (index, other) in self.space.iter() {
                 if other.split >= arm.split {
                     continue;
@@ -202,6 +232,79 @@ impl Controller {
     pub fn policy(&self) -> &AnyPolicy {
         &self.policy
     }
+}
+
+/// Feeds the structured policy what one sample reveals: every arm whose decision the
+/// observed confidences settle, and the link's cost when the sample was offloaded.
+fn reveal(
+    policy: &mut StructuredUcb,
+    space: &ArmSpace,
+    rule: DecisionRule,
+    reward: &RewardModel,
+    obs: &Observation<'_>,
+    failed: bool,
+) -> Result<(), BanditError> {
+    let num_layers = space.num_layers();
+    let tokens = obs.tokens.unwrap_or(0) as f64;
+    for (index, arm) in space.iter() {
+        let Some(decision) = decide(arm, rule, num_layers, obs.confidences) else {
+            continue;
+        };
+        let (offloads, stop) = match decision {
+            Decision::Exit { layer } => (false, layer),
+            Decision::Offload { after } => (true, after),
+        };
+        // A failed offload's answer is the device's, not the cloud's `C_L`.
+        let gain = if failed && (offloads || stop == num_layers) {
+            None
+        } else {
+            reward.gain(decision, num_layers, obs)
+        };
+        let edge = match reward.cost.edge_cost(stop, obs) {
+            Ok(cost) => EdgeSeen::Known(cost),
+            // Measured, and the device stopped before `stop`.
+            Err(_) => {
+                let ran = obs.edge_costs.len();
+                EdgeSeen::Partly {
+                    cost: obs.edge_costs.last().copied().unwrap_or(0.0),
+                    ran,
+                    stop,
+                }
+            }
+        };
+        policy.reveal(
+            index,
+            Reveal {
+                offloads,
+                gain,
+                edge,
+                tokens,
+            },
+        )?;
+    }
+    if matches!(reward.cost.edge, EdgeCost::Measured) {
+        policy.observe_device(obs.edge_costs)?;
+    }
+    if let Outcome::Offloaded { after, .. } = obs.outcome {
+        let cloud_layers = num_layers.saturating_sub(after) as f64;
+        policy.observe_link(LinkSample {
+            cost: reward.cost.offload_cost(after, obs)?,
+            cloud_cost: if failed {
+                0.0
+            } else {
+                obs.cloud_layer_cost * cloud_layers
+            },
+            cloud_layer_cost: (!failed && obs.offload_cost.is_some())
+                .then_some(obs.cloud_layer_cost),
+            tokens,
+            answer_confidence: if failed {
+                None
+            } else {
+                obs.final_confidence(num_layers)
+            },
+        })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

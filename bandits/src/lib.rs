@@ -12,12 +12,17 @@
 //! A round, as both drivers run it ([`Controller`] bundles the pieces):
 //!
 //! 1. [`Controller::select`] (→ [`Policy::select`]) picks an arm `(s, α)`.
-//! 2. The device runs layers `1, 2, …` and feeds each exit confidence to a
-//!    [`SampleDecision`], which answers [`Step::Continue`], or finally
-//!    [`Decision::Exit`] / [`Decision::Offload`]. [`decide`] does the same over a slice.
-//! 3. The driver records an [`Observation`]: the exit confidences the device computed, whether
-//!    it offloaded and then the final confidence `C_L` the cloud returned, and measured costs.
-//! 4. [`Controller::learn`] computes the reward from the observation and updates the policy.
+//! 2. A [`DevicePass`] (from [`Controller::device_pass`]) runs the device's layers: it says
+//!    which exit heads to evaluate, turns their class probabilities into confidences under the
+//!    configured [`ConfidenceMeasure`], feeds them to a [`SampleDecision`] and records the
+//!    device clock, until [`Decision::Exit`] or [`Decision::Offload`]. [`decide`] decides
+//!    over a slice of confidences.
+//! 3. The driver reports what happened in a [`SampleReport`] ([`DevicePass::report`]): the
+//!    confidences seen, the device clock, and the offload's fate ([`Reported`]: answered with
+//!    its round trip, compute time and bytes, or failed with its wait and the device's finish).
+//! 4. [`Controller::settle`] prices the report (see [`settle`]), computes the reward and
+//!    updates the policy. The drivers compute neither: one decision path.
+//!    ([`Controller::learn`] is the same step from an [`Observation`] already priced.)
 //!
 //! # Arms
 //!
@@ -82,6 +87,17 @@
 //! * [`EpsilonGreedy`]: with probability `ε` a uniform arm, else `argmax μ̂_i`.
 //! * Baselines: [`FixedArm`], [`UniformRandom`], and [`Oracle`], which is given the arm means
 //!   and always plays the best: the reference for regret `Σ_t (μ* − μ_{a_t})`.
+//! * [`StructuredUcb`] (`structured-ucb`): every arm's reward from estimates all arms share —
+//!   each arm's exit share and gains from every sample that reveals it, the device's
+//!   per-layer costs, one discounted link-cost model — with optimism only where each part is
+//!   uncertain; fed by the controller with what each sample reveals ([`policy::Reveal`],
+//!   [`policy::LinkSample`]). Its formulas are in its own docs.
+//!
+//! # Certified thresholds
+//!
+//! [`calibrate::certify`] keeps the arms whose accuracy drop against the final exit is at most
+//! `ε` with probability `≥ 1 − δ` on a labelled calibration set (Learn-then-Test with exact
+//! binomial p-values); [`ArmsConfig::allowed`] restricts an agent to them.
 //!
 //! ## SplitEE-S without peeking
 //!
@@ -118,6 +134,7 @@
 //! constructors.
 
 mod arms;
+pub mod calibrate;
 mod config;
 mod controller;
 mod decision;
@@ -139,7 +156,7 @@ pub use observation::{NOT_EVALUATED, Observation, Outcome};
 pub use pass::{DevicePass, NOT_PREDICTED};
 pub use policy::{
     AnyPolicy, DiscountedUcb, EpsilonGreedy, FixedArm, GaussianThompson, KlUcb, Oracle, Policy,
-    PolicyConfig, SlidingWindowUcb, Ucb1, UniformRandom,
+    PolicyConfig, SlidingWindowUcb, StructuredUcb, Ucb1, UniformRandom,
 };
 pub use reward::{CostModel, EdgeCost, OffloadCost, RewardKind, RewardModel, RewardRange};
 pub use settle::{CloudAnswered, OffloadFailed, Reported, SampleLog, SampleReport, Settlement};

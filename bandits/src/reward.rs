@@ -333,6 +333,31 @@ impl RewardModel {
         }
     }
 
+    /// The part of `decision`'s reward that is not a priced cost — SplitEE: the answer's
+    /// confidence; UEE-UCB: the disagreement with exit 1 — when `obs` holds it. The structured
+    /// policy estimates it apart from the costs; AdaEE's gain depends on the offload and has
+    /// no such split (`None`).
+    pub(crate) fn gain(
+        &self,
+        decision: Decision,
+        num_layers: usize,
+        obs: &Observation<'_>,
+    ) -> Option<f64> {
+        match (self.kind, decision) {
+            (RewardKind::SplitEe, Decision::Exit { layer }) => {
+                confidence(obs, layer, num_layers).ok()
+            }
+            (RewardKind::SplitEe, Decision::Offload { .. }) => {
+                final_confidence(obs, num_layers).ok()
+            }
+            (RewardKind::UeeProxy, Decision::Exit { layer }) => {
+                let (first, here) = (obs.prediction(1)?, obs.prediction(layer)?);
+                Some(if first != here { 1.0 } else { 0.0 })
+            }
+            (RewardKind::UeeProxy, Decision::Offload { .. }) | (RewardKind::AdaEe, _) => None,
+        }
+    }
+
     /// Bounds on every reward this model can produce, when they follow from the configuration
     /// alone (not with measured edge costs, nor with a measured offload cost where it counts).
     pub fn range(&self, num_layers: usize) -> Result<RewardRange, BanditError> {

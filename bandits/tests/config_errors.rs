@@ -357,3 +357,43 @@ fn config_from_toml_like_structures() {
     assert!(serde_json::from_str::<RewardRange>(r#"{"lo": 1, "hi": 0}"#).is_err());
     assert!(serde_json::from_str::<ArmSpace>(r#"{"num_layers": 12, "arms": []}"#).is_err());
 }
+
+#[test]
+fn structured_ucb_refuses_what_it_cannot_model() {
+    let space = ArmSpace::splits(6, 0.9).unwrap();
+    let measured = RewardModel::new(RewardKind::SplitEe, CostModel::measured(0.01).unwrap());
+    let range = Some(RewardRange::new(-2.0, 1.0).unwrap());
+    let make = |policy: PolicyConfig, reward: &RewardModel| {
+        Controller::new(
+            space.clone(),
+            DecisionRule::SPLITEE,
+            reward.clone(),
+            &policy,
+            range,
+        )
+    };
+    let structured = |c: f64, link_memory: f64| PolicyConfig::StructuredUcb { c, link_memory };
+    assert!(make(structured(0.25, 100.0), &measured).is_ok());
+    assert_eq!(
+        make(structured(-1.0, 100.0), &measured),
+        Err(BanditError::InvalidExploration(-1.0))
+    );
+    for memory in [0.5, f64::NAN, f64::INFINITY] {
+        let error = make(structured(0.25, memory), &measured).unwrap_err();
+        assert!(error.to_string().contains("link_memory"), "{error}");
+    }
+    let ada = RewardModel::new(RewardKind::AdaEe, CostModel::measured(0.01).unwrap());
+    let error = make(structured(0.25, 100.0), &ada).unwrap_err();
+    assert!(
+        error.to_string().contains("split-ee or uee-proxy"),
+        "{error}"
+    );
+    // It needs the arms and the cost model, which a bare policy build does not have.
+    assert!(build(structured(0.25, 100.0), 6).is_err());
+    let from_toml: PolicyConfig = toml::from_str("kind = \"structured-ucb\"").unwrap();
+    assert_eq!(
+        from_toml,
+        structured(0.25, 100.0),
+        "the documented defaults"
+    );
+}

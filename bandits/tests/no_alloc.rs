@@ -79,60 +79,74 @@ fn decisions_do_not_allocate() {
         assert_eq!(allocations(), before, "{config:?}");
     }
 
-    let model = RewardModel::new(
-        RewardKind::SplitEe,
-        CostModel::abstract_units(0.05, 5.0).unwrap(),
-    );
-    let mut controller = Controller::new(
-        ArmSpace::splits(12, 0.8).unwrap(),
-        DecisionRule::SPLITEE,
-        model,
-        &PolicyConfig::SplitEeS { c: 1.0 },
-        None,
-    )
-    .unwrap();
-    // Exit probabilities of a 12-layer sample, as a driver reads them from its model.
-    let row: Vec<[f32; 2]> = [
-        0.55, 0.6, 0.7, 0.75, 0.79, 0.85, 0.9, 0.9, 0.92, 0.95, 0.96, 0.97,
-    ]
-    .iter()
-    .map(|&p: &f32| [1.0 - p, p])
-    .collect();
-    let layers: Vec<usize> = (1..=12).collect();
-    let mut pass = controller
-        .device_pass(&layers, ExitsConfig::default(), true)
+    // SplitEE-S with abstract costs; the structured policy with measured ones, so that its
+    // link model and per-layer costs are fed too.
+    let cases = [
+        (
+            PolicyConfig::SplitEeS { c: 1.0 },
+            CostModel::abstract_units(0.05, 5.0).unwrap(),
+        ),
+        (
+            PolicyConfig::StructuredUcb {
+                c: 0.25,
+                link_memory: 100.0,
+            },
+            CostModel::measured(0.01).unwrap(),
+        ),
+    ];
+    for (policy, cost) in cases {
+        let model = RewardModel::new(RewardKind::SplitEe, cost);
+        let mut controller = Controller::new(
+            ArmSpace::splits(12, 0.8).unwrap(),
+            DecisionRule::SPLITEE,
+            model,
+            &policy,
+            Some(RewardRange::new(-3.0, 1.0).unwrap()),
+        )
         .unwrap();
-    let before = allocations();
-    for t in 0..1000 {
-        let (index, arm) = controller.select();
-        pass.start(arm);
-        let decision = loop {
-            let layer = pass.next_layer().unwrap();
-            let probs = pass.wants_head(layer).then(|| &row[layer - 1][..]);
-            if let Step::Done(d) = pass.observe(layer, probs, layer as f64).unwrap() {
-                break d;
-            }
-        };
-        let outcome = match decision {
-            Decision::Exit { layer } => Reported::Exited { layer },
-            Decision::Offload { after } if t % 5 == 0 => Reported::Failed(OffloadFailed {
-                after,
-                waited_ms: 100.0,
-                bytes_sent: 1000,
-                finish_layer: 12,
-                confidence: pass.answer_confidence(&row[11]),
-                finish_ms: 10.0,
-            }),
-            Decision::Offload { after } => Reported::Answered(CloudAnswered {
-                after,
-                exit_layer: 12,
-                confidence: pass.answer_confidence(&row[11]),
-                round_trip_ms: 40.0,
-                cloud_compute_ms: 5.0,
-                bytes_sent: 1000,
-            }),
-        };
-        controller.settle(&pass.report(index, 20, outcome)).unwrap();
+        // Exit probabilities of a 12-layer sample, as a driver reads them from its model.
+        let row: Vec<[f32; 2]> = [
+            0.55, 0.6, 0.7, 0.75, 0.79, 0.85, 0.9, 0.9, 0.92, 0.95, 0.96, 0.97,
+        ]
+        .iter()
+        .map(|&p: &f32| [1.0 - p, p])
+        .collect();
+        let layers: Vec<usize> = (1..=12).collect();
+        let mut pass = controller
+            .device_pass(&layers, ExitsConfig::default(), true)
+            .unwrap();
+        let before = allocations();
+        for t in 0..1000 {
+            let (index, arm) = controller.select();
+            pass.start(arm);
+            let decision = loop {
+                let layer = pass.next_layer().unwrap();
+                let probs = pass.wants_head(layer).then(|| &row[layer - 1][..]);
+                if let Step::Done(d) = pass.observe(layer, probs, layer as f64).unwrap() {
+                    break d;
+                }
+            };
+            let outcome = match decision {
+                Decision::Exit { layer } => Reported::Exited { layer },
+                Decision::Offload { after } if t % 5 == 0 => Reported::Failed(OffloadFailed {
+                    after,
+                    waited_ms: 100.0,
+                    bytes_sent: 1000,
+                    finish_layer: 12,
+                    confidence: pass.answer_confidence(&row[11]),
+                    finish_ms: 10.0,
+                }),
+                Decision::Offload { after } => Reported::Answered(CloudAnswered {
+                    after,
+                    exit_layer: 12,
+                    confidence: pass.answer_confidence(&row[11]),
+                    round_trip_ms: 40.0,
+                    cloud_compute_ms: 5.0,
+                    bytes_sent: 1000,
+                }),
+            };
+            controller.settle(&pass.report(index, 20, outcome)).unwrap();
+        }
+        assert_eq!(allocations(), before, "controller with {policy:?}");
     }
-    assert_eq!(allocations(), before, "controller");
 }

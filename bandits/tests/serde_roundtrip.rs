@@ -92,35 +92,61 @@ fn corrupt_state_is_an_error() {
 }
 
 #[test]
-fn controller_round_trips_mid_run() {
+fn controllers_round_trip_mid_run() {
     let layers = 12;
     let matrix = common::confidence_matrix(600, layers, 3);
-    let space = ArmSpace::splits(layers, 0.9).unwrap();
-    let model = RewardModel::new(
-        RewardKind::SplitEe,
-        CostModel::abstract_units(0.05, 10.0).unwrap(),
-    );
     let rule = DecisionRule::SPLITEE;
-    let mut controller =
-        Controller::new(space, rule, model, &PolicyConfig::SplitEeS { c: 1.0 }, None).unwrap();
-    let play = |controller: &mut Controller, row: &[f64]| {
-        let (index, arm) = controller.select();
-        let obs = match decide(arm, rule, layers, row).unwrap() {
-            Decision::Exit { layer } => Observation::exited(&row[..layer], layer),
-            Decision::Offload { after } => {
-                Observation::offloaded(&row[..after], after, row[layers - 1])
-            }
+    // The structured policy with measured costs, so its link model holds real state.
+    let cases = [
+        (
+            PolicyConfig::SplitEeS { c: 1.0 },
+            CostModel::abstract_units(0.05, 10.0).unwrap(),
+        ),
+        (
+            PolicyConfig::StructuredUcb {
+                c: 0.25,
+                link_memory: 50.0,
+            },
+            CostModel::measured(0.01).unwrap(),
+        ),
+    ];
+    for (policy, cost) in cases {
+        let space = ArmSpace::grid(layers, &[1, 3, 6, 12], &[0.8, 0.95]).unwrap();
+        let model = RewardModel::new(RewardKind::SplitEe, cost);
+        let range = RewardRange::new(-3.0, 1.0).unwrap();
+        let mut controller = Controller::new(space, rule, model, &policy, Some(range)).unwrap();
+        let clock: Vec<f64> = (1..=layers).map(|l| 4.0 * l as f64).collect();
+        let play = |controller: &mut Controller, row: &[f64], t: usize| {
+            let (index, arm) = controller.select();
+            let obs = match decide(arm, rule, layers, row).unwrap() {
+                Decision::Exit { layer } => Observation::exited(&row[..layer], layer),
+                Decision::Offload { after } => {
+                    Observation::offloaded(&row[..after], after, row[layers - 1])
+                        .with_offload_cost(20.0 + (t % 7) as f64)
+                        .with_cloud_layer_cost(0.5)
+                }
+            };
+            let stop = obs.outcome.decision();
+            let ran = match stop {
+                Decision::Exit { layer } => layer,
+                Decision::Offload { after } => after,
+            };
+            let obs = obs.with_edge_costs(&clock[..ran]).with_tokens(10 + t % 5);
+            controller.learn(index, &obs).unwrap();
+            index.0
         };
-        controller.learn(index, &obs).unwrap();
-        index.0
-    };
-    for row in &matrix[..300] {
-        play(&mut controller, row);
-    }
-    let json = serde_json::to_string(&controller).unwrap();
-    let mut restored: Controller = serde_json::from_str(&json).unwrap();
-    assert_eq!(restored, controller);
-    for row in &matrix[300..] {
-        assert_eq!(play(&mut controller, row), play(&mut restored, row));
+        for (t, row) in matrix[..300].iter().enumerate() {
+            play(&mut controller, row, t);
+        }
+        let json = serde_json::to_string(&controller).unwrap();
+        let mut restored: Controller = serde_json::from_str(&json).unwrap();
+        assert_eq!(restored, controller, "{policy:?}");
+        for (t, row) in matrix[300..].iter().enumerate() {
+            assert_eq!(
+                play(&mut controller, row, t),
+                play(&mut restored, row, t),
+                "{policy:?}"
+            );
+        }
     }
 }

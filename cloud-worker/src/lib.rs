@@ -10,10 +10,13 @@
 //! * [`compute`] – the compute thread and the batching policy.
 //! * [`metrics`] – Prometheus metrics and the `/metrics` + `/healthz` HTTP endpoint.
 //! * [`certs`] – `gen-certs`: a development CA with server and client certificates.
+//! * [`cid`] – routable connection IDs (QUIC-LB plaintext): the server ID a QUIC-aware load
+//!   balancer routes by.
 //!
 //! The binary (`src/main.rs`) only parses the command line and calls into this library.
 
 pub mod certs;
+pub mod cid;
 pub mod compute;
 pub mod config;
 pub mod metrics;

@@ -25,6 +25,18 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     tokio::net::TcpListener::bind(addr).await
 }
 
+/// The `/metrics` and `/healthz` routes, for a server that has more (the edge agent's local
+/// API merges them into its own).
+pub fn routes(render: RenderMetrics, shutting_down: CancellationToken) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_page))
+        .route("/healthz", get(health))
+        .with_state(HttpState {
+            render,
+            shutting_down,
+        })
+}
+
 /// Serves `/metrics` and `/healthz` on `listener` until `stop` is cancelled.
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
@@ -32,14 +44,7 @@ pub async fn serve_metrics(
     shutting_down: CancellationToken,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(metrics_page))
-        .route("/healthz", get(health))
-        .with_state(HttpState {
-            render,
-            shutting_down,
-        });
-    axum::serve(listener, app)
+    axum::serve(listener, routes(render, shutting_down))
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await
 }

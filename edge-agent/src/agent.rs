@@ -6,9 +6,21 @@
 //!
 //! One async driver owns the bandit and serialises the device's work; offloads run as tasks,
 //! so the device computes the next samples while earlier ones travel. At most
-//! `pipeline.window` samples lie between the oldest unanswered one and the newest started:
-//! that bounds the offloads in flight (each holds its hidden states) and the answers held
-//! back so that output keeps input order.
+//! `pipeline.window` samples are started and not yet given out: in input order ([`Agent::run`],
+//! batch mode) that is the span between the oldest unanswered sample and the newest started,
+//! and it bounds the offloads in flight (each holds its hidden states) and the answers held
+//! back so that output keeps input order; as answered ([`Agent::run_as_answered`], the
+//! `serve` API, whose requests are unrelated) a record goes out as soon as it is ready, so a
+//! quick device answer never waits behind another request's offload.
+//!
+//! # Deadlines
+//!
+//! A sample may carry a deadline (`InputRecord::deadline`, from a `serve` request). One not
+//! started by then is not run: it gets an error record and the bandit never sees it. An
+//! offload still out at the deadline is cut there and answered by the split's exit, the
+//! deepest the device already computed; past the deadline the device runs no more layers
+//! after a failed offload. Either way the sample is settled once, like any failed offload,
+//! charged the time it waited.
 //!
 //! # Exactly one answer per sample
 //!
@@ -45,7 +57,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cloud::{CloudAnswer, CloudLink, OffloadFailure};
 use crate::config::AgentConfig;
-use crate::edge::{EdgeModel, EdgePass, EdgeRuntime, ExitReading};
+use crate::edge::{EdgeModel, EdgePass, EdgeRuntime, ExitReading, LocalFinish};
 use crate::input::InputRecord;
 use crate::metrics::Metrics;
 use crate::report::{Answered, ArmRecord, Latency, SampleRecord, Summary, Tally};
@@ -197,6 +209,11 @@ impl Agent {
         })
     }
 
+    /// The model's fingerprint (the state file and the worker check it).
+    pub fn fingerprint(&self) -> &Fingerprint {
+        &self.fingerprint
+    }
+
     pub fn controller(&self) -> &Controller {
         &self.controller
     }
@@ -214,18 +231,40 @@ impl Agent {
     /// already started are still answered), calling `sink` with each record in input order.
     pub async fn run(
         &mut self,
+        inputs: mpsc::Receiver<InputRecord>,
+        stop: CancellationToken,
+        sink: &mut dyn FnMut(&SampleRecord),
+    ) -> anyhow::Result<Summary> {
+        self.drive(inputs, stop, Order::Input, sink).await
+    }
+
+    /// [`Self::run`], calling `sink` with each record as soon as it is ready (the records'
+    /// `line` says which input each answers).
+    pub async fn run_as_answered(
+        &mut self,
+        inputs: mpsc::Receiver<InputRecord>,
+        stop: CancellationToken,
+        sink: &mut dyn FnMut(&SampleRecord),
+    ) -> anyhow::Result<Summary> {
+        self.drive(inputs, stop, Order::AsAnswered, sink).await
+    }
+
+    async fn drive(
+        &mut self,
         mut inputs: mpsc::Receiver<InputRecord>,
         stop: CancellationToken,
+        order: Order,
         sink: &mut dyn FnMut(&SampleRecord),
     ) -> anyhow::Result<Summary> {
         let mut tally = Tally::default();
         let mut offloads: JoinSet<OffloadDone> = JoinSet::new();
         let mut pending: HashMap<tokio::task::Id, Pending> = HashMap::new();
         let mut held: BTreeMap<u64, (SampleRecord, Option<&'static str>)> = BTreeMap::new();
-        let (mut next_seq, mut next_out) = (0u64, 0u64);
+        // Samples started, and records given out (in input order: those before `given_out`).
+        let (mut next_seq, mut given_out) = (0u64, 0u64);
         let mut accepting = true;
         loop {
-            let room = next_seq - next_out < self.window as u64;
+            let room = next_seq - given_out < self.window as u64;
             tokio::select! {
                 biased;
                 Some(joined) = offloads.join_next_with_id(), if !offloads.is_empty() => {
@@ -262,9 +301,10 @@ impl Agent {
                         }
                         Started::Offload(sample, request) => {
                             let cloud = self.cloud.clone().expect("offloading arms need a cloud");
+                            let deadline = sample.input.deadline;
                             let task = offloads.spawn(async move {
                                 let sent = Instant::now();
-                                let result = cloud.offload(&request).await;
+                                let result = cloud.offload(&request, deadline).await;
                                 OffloadDone { result, at: Instant::now(), sent }
                             });
                             self.metrics.in_flight.inc();
@@ -274,14 +314,21 @@ impl Agent {
                 }
                 else => break,
             }
-            while let Some((mut record, failure)) = held.remove(&next_out) {
+            loop {
+                let ready = match order {
+                    Order::Input => held.remove(&given_out),
+                    Order::AsAnswered => held.pop_first().map(|(_, ready)| ready),
+                };
+                let Some((mut record, failure)) = ready else {
+                    break;
+                };
                 record.prediction_name = record
                     .prediction
                     .and_then(|p| self.edge.labels().get(p as usize).cloned());
                 tally.add(&record);
                 self.metrics.record(&record, failure);
                 sink(&record);
-                next_out += 1;
+                given_out += 1;
             }
         }
         debug_assert!(held.is_empty() && pending.is_empty());
@@ -310,6 +357,11 @@ impl Agent {
             Ok(text) => text.clone(),
             Err(error) => return Started::Answered(Box::new(failed(&input, error.clone()))),
         };
+        if past(input.deadline) {
+            // Nothing computed yet, so nothing to answer with; the bandit never sees it.
+            let error = "deadline: it passed before the device started this sample".to_owned();
+            return Started::Answered(Box::new(failed(&input, error)));
+        }
         let (index, arm) = self.controller.select();
         let started = Instant::now();
         let mut pass = match self.edge.run(text, arm).await {
@@ -431,16 +483,25 @@ impl Agent {
                 )
             }
             Err(failure) => {
-                let local = match self.edge.finish(hidden, pass.tokens, split).await {
-                    Ok(local) => local,
-                    Err(error) => {
-                        return (
-                            failed(
-                                &input,
-                                format!("{failure}; finishing on the device failed: {error:#}"),
-                            ),
-                            Some(failure.kind()),
-                        );
+                let local = if past(input.deadline) {
+                    // The answer is due: the split's exit, already computed, answers.
+                    LocalFinish {
+                        layer: split,
+                        probs: None,
+                        extra_ms: 0.0,
+                    }
+                } else {
+                    match self.edge.finish(hidden, pass.tokens, split).await {
+                        Ok(local) => local,
+                        Err(error) => {
+                            return (
+                                failed(
+                                    &input,
+                                    format!("{failure}; finishing on the device failed: {error:#}"),
+                                ),
+                                Some(failure.kind()),
+                            );
+                        }
                     }
                 };
                 let (exit, confidence) = match local.probs {
@@ -463,9 +524,10 @@ impl Agent {
                     }
                 };
                 let waited_ms = ms(done.at - done.sent);
-                let bytes_sent = match failure {
-                    OffloadFailure::Unreachable(_) => 0,
-                    _ => self.encoding.payload_len(pass.tokens, self.hidden_size) as u64,
+                let bytes_sent = if failure.sent() {
+                    self.encoding.payload_len(pass.tokens, self.hidden_size) as u64
+                } else {
+                    0
                 };
                 let outcome = Reported::Failed(OffloadFailed {
                     after: split,
@@ -538,6 +600,17 @@ struct Settled {
 enum Started {
     Answered(Box<SampleRecord>),
     Offload(Box<Pending>, OffloadRequest),
+}
+
+/// The order records are given out in.
+#[derive(Clone, Copy)]
+enum Order {
+    Input,
+    AsAnswered,
+}
+
+fn past(deadline: Option<Instant>) -> bool {
+    deadline.is_some_and(|deadline| Instant::now() >= deadline)
 }
 
 fn ms(duration: std::time::Duration) -> f64 {

@@ -31,6 +31,13 @@ pub enum OffloadFailure {
     Rejected { code: &'static str, message: String },
     #[error("connection lost: {0}")]
     ConnectionLost(String),
+    /// The sample's deadline (a `serve` request's) came before the answer; unlike a timeout
+    /// this says nothing about the link, so it does not count towards reconnecting.
+    #[error("deadline: no answer by the request's deadline ({0} ms after sending)")]
+    Deadline(u64),
+    /// The deadline had passed before the offload began: nothing was sent.
+    #[error("deadline: it had passed before the offload")]
+    DeadlinePassed,
 }
 
 impl OffloadFailure {
@@ -43,7 +50,13 @@ impl OffloadFailure {
             Self::ShuttingDown => "shutting_down",
             Self::Rejected { .. } => "rejected",
             Self::ConnectionLost(_) => "connection_lost",
+            Self::Deadline(_) | Self::DeadlinePassed => "deadline",
         }
+    }
+
+    /// Whether the request went out (and its bytes are charged) before it failed.
+    pub fn sent(&self) -> bool {
+        !matches!(self, Self::Unreachable(_) | Self::DeadlinePassed)
     }
 }
 
@@ -133,18 +146,27 @@ impl CloudLink {
         matches!(*self.lock(), LinkState::Connected { .. })
     }
 
-    /// Sends `request` and waits for the answer, at most the request timeout.
+    /// Sends `request` and waits for the answer, at most the request timeout and at most until
+    /// `deadline`.
     pub async fn offload(
         self: &Arc<Self>,
         request: &OffloadRequest,
+        deadline: Option<Instant>,
     ) -> Result<CloudAnswer, OffloadFailure> {
+        let timeout = self.config.request_timeout();
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if left.is_some_and(|left| left.is_zero()) {
+            return Err(OffloadFailure::DeadlinePassed);
+        }
+        let cut_by_deadline = left.is_some_and(|left| left < timeout);
         let connection = self.connection()?;
         let frame = splitee_common::protocol::encode_request(request);
         let started = Instant::now();
-        let timeout = self.config.request_timeout();
-        let outcome = tokio::time::timeout(timeout, transport::exchange(&connection, &frame)).await;
+        let wait = left.map_or(timeout, |left| left.min(timeout));
+        let outcome = tokio::time::timeout(wait, transport::exchange(&connection, &frame)).await;
         let round_trip_ms = started.elapsed().as_secs_f64() * 1e3;
         match outcome {
+            Err(_) if cut_by_deadline => Err(OffloadFailure::Deadline(wait.as_millis() as u64)),
             Err(_) => {
                 self.timed_out(&connection);
                 Err(OffloadFailure::Timeout(self.config.request_timeout_ms))

@@ -41,6 +41,9 @@ pub struct AgentConfig {
     pub exits: ExitsConfig,
     #[serde(default)]
     pub input: InputConfig,
+    /// `edge-agent serve`: the local API.
+    #[serde(default)]
+    pub serve: ServeConfig,
     pub arms: ArmsConfig,
     #[serde(default)]
     pub reward: RewardConfig,
@@ -157,6 +160,103 @@ impl Default for InputConfig {
     }
 }
 
+/// The longest deadline a request may ask for (an hour; longer is surely a mistake, and it
+/// keeps instants far from overflowing).
+pub const MAX_DEADLINE_MS: u64 = 3_600_000;
+
+/// `edge-agent serve`: the local HTTP/JSON API that programs on the device call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// TCP address of the API. Loopback by default: only programs on the device reach it.
+    pub listen: SocketAddr,
+    /// Listen on this Unix socket instead of `listen` (a stale socket file is replaced).
+    pub unix_socket: Option<PathBuf>,
+    /// Texts one request may carry; more is a 400.
+    pub max_texts_per_request: usize,
+    /// Bytes of one text (UTF-8); a longer one is a 400.
+    pub max_text_bytes: usize,
+    /// Bytes of a request body; a larger one is a 413.
+    pub max_body_bytes: usize,
+    /// Texts accepted and not yet answered, over all requests (those waiting for the pipeline
+    /// and those in it); a request whose texts do not fit is refused whole with a 429.
+    pub max_queued_texts: usize,
+    /// The `Retry-After` of a 429 (and of a 503 while the model loads), seconds.
+    pub retry_after_s: u64,
+    /// A request's deadline when it names none (`deadline_ms`).
+    pub default_deadline_ms: u64,
+    /// How long after its deadline a request waits for answers being assembled (a device pass
+    /// that began before the deadline, an offload cut at it) before giving up on them.
+    pub deadline_grace_ms: u64,
+    /// On SIGTERM/SIGINT, how long requests in flight may take to be answered before the
+    /// agent stops anyway (systemd's TimeoutStopSec must be longer).
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8780)),
+            unix_socket: None,
+            max_texts_per_request: 64,
+            max_text_bytes: 16 * 1024,
+            max_body_bytes: 1024 * 1024,
+            max_queued_texts: 256,
+            retry_after_s: 1,
+            default_deadline_ms: 10_000,
+            deadline_grace_ms: 100,
+            drain_timeout_ms: 15_000,
+        }
+    }
+}
+
+impl ServeConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.max_texts_per_request >= 1 && self.max_text_bytes >= 1,
+            "serve.max_texts_per_request and serve.max_text_bytes must be at least 1"
+        );
+        anyhow::ensure!(
+            self.max_texts_per_request <= self.max_queued_texts,
+            "serve.max_texts_per_request ({}) must not exceed serve.max_queued_texts ({}): such \
+             a request could never be accepted",
+            self.max_texts_per_request,
+            self.max_queued_texts
+        );
+        anyhow::ensure!(
+            self.max_text_bytes < self.max_body_bytes,
+            "serve.max_text_bytes ({}) must be below serve.max_body_bytes ({})",
+            self.max_text_bytes,
+            self.max_body_bytes
+        );
+        // One semaphore permit per queued text (tokio takes up to u32::MAX at once).
+        anyhow::ensure!(
+            self.max_queued_texts <= u32::MAX as usize,
+            "serve.max_queued_texts must be at most {}",
+            u32::MAX
+        );
+        anyhow::ensure!(
+            (1..=MAX_DEADLINE_MS).contains(&self.default_deadline_ms),
+            "serve.default_deadline_ms must be between 1 and {MAX_DEADLINE_MS}"
+        );
+        anyhow::ensure!(
+            self.drain_timeout_ms >= 1,
+            "serve.drain_timeout_ms must be at least 1"
+        );
+        Ok(())
+    }
+
+    pub fn default_deadline(&self) -> Duration {
+        Duration::from_millis(self.default_deadline_ms)
+    }
+    pub fn deadline_grace(&self) -> Duration {
+        Duration::from_millis(self.deadline_grace_ms)
+    }
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
 impl AgentConfig {
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -188,6 +288,7 @@ impl AgentConfig {
             self.input.max_line_bytes >= 1,
             "input.max_line_bytes must be at least 1"
         );
+        self.serve.validate()?;
         self.exits.validate().map_err(anyhow::Error::msg)?;
         self.reward.validate(self.device.as_ref())?;
         if let Some(cloud) = &self.cloud {
@@ -257,5 +358,10 @@ mod tests {
             "{MINIMAL}[cloud]\naddress = \"127.0.0.1:4433\"\nca = \"ca.pem\"\nclient_cert = \"c.pem\"\n"
         ));
         assert!(format!("{:#}", half_mtls.unwrap_err()).contains("client_key"));
+        assert_eq!(config.serve, ServeConfig::default());
+        let unfit = AgentConfig::from_toml(&format!(
+            "{MINIMAL}[serve]\nmax_texts_per_request = 10\nmax_queued_texts = 4\n"
+        ));
+        assert!(format!("{:#}", unfit.unwrap_err()).contains("serve.max_queued_texts"));
     }
 }

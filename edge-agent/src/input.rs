@@ -9,6 +9,7 @@
 
 use std::io::BufRead;
 use std::path::Path;
+use std::time::Instant;
 
 use anyhow::Context;
 use serde::Deserialize;
@@ -48,6 +49,28 @@ pub struct InputRecord {
     pub id: String,
     pub label: Option<usize>,
     pub text: Result<String, String>,
+    /// When its answer is due (a `serve` request's deadline; none in batch mode): a sample not
+    /// started by then is not run, and an offload still out then is answered on the device.
+    pub deadline: Option<Instant>,
+}
+
+/// Reads up to `limit` samples of a labelled TSV file (its first lines), for tools and tests.
+pub fn read_tsv_file(path: &Path, limit: usize) -> anyhow::Result<Vec<InputRecord>> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot open the sentences {}", path.display()))?;
+    let mut records = Vec::new();
+    read(
+        std::io::BufReader::new(file),
+        InputFormat::Tsv,
+        64 * 1024,
+        path,
+        |record| {
+            records.push(record);
+            records.len() < limit
+        },
+    )?;
+    anyhow::ensure!(!records.is_empty(), "{} holds no sentence", path.display());
+    Ok(records)
 }
 
 /// Reads samples from `reader`, calling `emit` for each until the input ends or `emit` returns
@@ -103,6 +126,7 @@ fn failed(line: usize, error: String) -> InputRecord {
         id: line.to_string(),
         label: None,
         text: Err(error),
+        deadline: None,
     }
 }
 
@@ -113,6 +137,7 @@ fn parse(format: InputFormat, columns: Option<&Columns>, line: usize, text: Stri
             id: line.to_string(),
             label: None,
             text: Ok(text),
+            deadline: None,
         },
         (InputFormat::Jsonl, _) => match serde_json::from_str::<JsonSample>(&text) {
             Ok(sample) => InputRecord {
@@ -122,6 +147,7 @@ fn parse(format: InputFormat, columns: Option<&Columns>, line: usize, text: Stri
                     .map_or_else(|| line.to_string(), |id| id.to_string()),
                 label: sample.label,
                 text: Ok(sample.text),
+                deadline: None,
             },
             Err(error) => failed(line, format!("malformed JSON: {error}")),
         },
@@ -136,6 +162,7 @@ fn parse(format: InputFormat, columns: Option<&Columns>, line: usize, text: Stri
                     id: example.id,
                     label: example.label,
                     text: Ok(example.text),
+                    deadline: None,
                 },
                 Err(error) => failed(line, error),
             }
@@ -173,9 +200,10 @@ struct JsonSample {
     label: Option<usize>,
 }
 
+/// A sample's id as JSON spells it: a number or a string (JSON lines, the `serve` API).
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum JsonId {
+pub(crate) enum JsonId {
     Number(u64),
     Text(String),
 }

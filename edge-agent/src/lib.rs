@@ -11,6 +11,8 @@
 //! * [`report`] – per-sample records and the summary.
 //! * [`metrics`] – Prometheus metrics.
 //! * [`profile`] – per-layer cost on this device, written into the config.
+//! * [`serve`] – `edge-agent serve`: the local HTTP/JSON API apps on the device call.
+//! * [`signals`] – graceful shutdown on SIGTERM/SIGINT, at once on a second signal.
 //!
 //! The binary (`src/main.rs`) parses the command line, picks the device and wires these up.
 
@@ -22,6 +24,8 @@ pub mod input;
 pub mod metrics;
 pub mod profile;
 pub mod report;
+pub mod serve;
+pub mod signals;
 pub mod state;
 
 pub use agent::Agent;

@@ -47,24 +47,26 @@ enum Command {
         /// Also write the summary as JSON here.
         #[arg(long)]
         summary_json: Option<PathBuf>,
-        /// Overrides the config's backend.
-        #[arg(long)]
-        backend: Option<BackendChoice>,
-        /// Overrides the config's cloud address.
-        #[arg(long)]
-        cloud: Option<SocketAddr>,
-        /// Overrides the config's model directory.
-        #[arg(long)]
-        model: Option<PathBuf>,
-        /// Overrides the config's edge_layers (layers the device loads).
-        #[arg(long)]
-        edge_layers: Option<usize>,
-        /// Ignore a saved bandit state (it is overwritten at the end).
-        #[arg(long)]
-        fresh_state: bool,
+        #[command(flatten)]
+        overrides: Overrides,
         /// Stop after this many samples.
         #[arg(long)]
         limit: Option<usize>,
+    },
+    /// Run as a device service: a local HTTP/JSON API (`POST /v1/classify`, `/readyz`,
+    /// `/healthz`, `/metrics`; edge-agent/openapi.json) until SIGTERM or SIGINT.
+    Serve {
+        /// Agent configuration; its [serve] table holds the API's settings.
+        #[arg(long, default_value = "configs/edge-agent.toml")]
+        config: PathBuf,
+        /// TCP address of the API (overrides serve.listen and serve.unix_socket).
+        #[arg(long, conflicts_with = "unix")]
+        listen: Option<SocketAddr>,
+        /// Listen on this Unix socket instead (overrides serve.unix_socket).
+        #[arg(long)]
+        unix: Option<PathBuf>,
+        #[command(flatten)]
+        overrides: Overrides,
     },
     /// Measure per-layer cost on this device; `--write` stores it in the config's [device].
     Profile {
@@ -97,6 +99,50 @@ enum Command {
     FetchModel(splitee_common::fetch::FetchArgs),
 }
 
+/// Settings the command line may override in the agent's config.
+#[derive(clap::Args)]
+struct Overrides {
+    /// Overrides the config's backend.
+    #[arg(long)]
+    backend: Option<BackendChoice>,
+    /// Overrides the config's cloud address.
+    #[arg(long)]
+    cloud: Option<SocketAddr>,
+    /// Overrides the config's model directory.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Overrides the config's edge_layers (layers the device loads).
+    #[arg(long)]
+    edge_layers: Option<usize>,
+    /// Ignore a saved bandit state (it is overwritten when the agent saves).
+    #[arg(long)]
+    fresh_state: bool,
+}
+
+impl Overrides {
+    /// The config at `path` with these overrides.
+    fn load(&self, path: &Path) -> anyhow::Result<AgentConfig> {
+        let mut config = AgentConfig::from_file(path)?;
+        if let Some(backend) = self.backend {
+            config.backend = backend;
+        }
+        if let Some(model) = &self.model {
+            config.model = model.clone();
+        }
+        if self.edge_layers.is_some() {
+            config.edge_layers = self.edge_layers;
+        }
+        if let Some(address) = self.cloud {
+            config
+                .cloud
+                .as_mut()
+                .context("--cloud needs a [cloud] table in the config (for its CA)")?
+                .address = address;
+        }
+        Ok(config)
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -111,30 +157,10 @@ fn main() -> anyhow::Result<()> {
             format,
             output,
             summary_json,
-            backend,
-            cloud,
-            model,
-            edge_layers,
-            fresh_state,
+            overrides,
             limit,
         } => {
-            let mut agent_config = AgentConfig::from_file(&config)?;
-            if let Some(backend) = backend {
-                agent_config.backend = backend;
-            }
-            if let Some(model) = model {
-                agent_config.model = model;
-            }
-            if edge_layers.is_some() {
-                agent_config.edge_layers = edge_layers;
-            }
-            if let Some(address) = cloud {
-                agent_config
-                    .cloud
-                    .as_mut()
-                    .context("--cloud needs a [cloud] table in the config (for its CA)")?
-                    .address = address;
-            }
+            let agent_config = overrides.load(&config)?;
             let (device, _) = pick_device(agent_config.backend);
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(run(RunArgs {
@@ -144,9 +170,32 @@ fn main() -> anyhow::Result<()> {
                 format,
                 output,
                 summary_json,
-                fresh_state,
+                fresh_state: overrides.fresh_state,
                 limit,
             }))
+        }
+        Command::Serve {
+            config,
+            listen,
+            unix,
+            overrides,
+        } => {
+            let mut agent_config = overrides.load(&config)?;
+            if let Some(listen) = listen {
+                agent_config.serve.listen = listen;
+                agent_config.serve.unix_socket = None;
+            }
+            if unix.is_some() {
+                agent_config.serve.unix_socket = unix;
+            }
+            let (device, _) = pick_device(agent_config.backend);
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async {
+                let shutting_down = CancellationToken::new();
+                edge_agent::signals::shutdown_on_signals(shutting_down.clone())?;
+                edge_agent::serve::serve(agent_config, device, overrides.fresh_state, shutting_down)
+                    .await
+            })
         }
         Command::Profile {
             config,
@@ -216,22 +265,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let stop = CancellationToken::new();
     let http = match args.config.metrics_listen {
-        Some(addr) => {
-            let listener = splitee_common::http::bind(addr)
-                .await
-                .with_context(|| format!("binding the metrics endpoint {addr}"))?;
-            let render = {
-                let metrics = metrics.clone();
-                Arc::new(move || metrics.encode())
-            };
-            tracing::info!(%addr, "serving /metrics and /healthz");
-            Some(tokio::spawn(splitee_common::http::serve_metrics(
-                listener,
-                render,
-                stop.clone(),
-                stop.clone(),
-            )))
-        }
+        Some(addr) => Some(
+            edge_agent::metrics::spawn_endpoint(addr, metrics.clone(), stop.clone(), stop.clone())
+                .await?,
+        ),
         None => None,
     };
     let mut agent = Agent::start(&args.config, args.device, metrics, args.fresh_state).await?;

@@ -1,5 +1,5 @@
 //! Prometheus metrics of the agent, served by [`splitee_common::http`] on `/metrics` beside
-//! `/healthz`.
+//! `/healthz` (on `metrics_listen`, and by `serve` on its API too, with [`ApiMetrics`]).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -7,6 +7,13 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::report::{Answered, SampleRecord};
 
@@ -23,6 +30,42 @@ struct ReasonLabel {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ArmLabel {
     arm: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteStatusLabel {
+    route: &'static str,
+    status: u16,
+}
+
+/// What the `serve` API counts, beside the agent's own metrics.
+#[derive(Clone)]
+pub struct ApiMetrics {
+    requests: Family<RouteStatusLabel, Counter>,
+    duration: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    /// Texts accepted.
+    pub texts: Counter,
+    /// Texts accepted and not yet answered.
+    pub queued: Gauge,
+    /// Answers whose request had already been answered or had gone.
+    pub unclaimed: Counter,
+}
+
+impl ApiMetrics {
+    /// One response on `route` (a route's path, or `"unmatched"`: a closed set of labels).
+    pub fn observe(&self, route: &'static str, status: u16, seconds: f64) {
+        self.requests
+            .get_or_create(&RouteStatusLabel { route, status })
+            .inc();
+        self.duration
+            .get_or_create(&RouteLabel { route })
+            .observe(seconds);
+    }
 }
 
 /// Everything the agent counts.
@@ -148,6 +191,43 @@ impl Metrics {
         self.bytes_sent.inc_by(record.bytes_sent);
     }
 
+    /// Adds the `serve` API's metrics to this registry.
+    pub fn register_api(&mut self) -> ApiMetrics {
+        let api = ApiMetrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+            }),
+            texts: Counter::default(),
+            queued: Gauge::default(),
+            unclaimed: Counter::default(),
+        };
+        let registry = self.registry.sub_registry_with_prefix("api");
+        registry.register(
+            "requests",
+            "API requests answered, by route and HTTP status",
+            api.requests.clone(),
+        );
+        registry.register_with_unit(
+            "request_duration",
+            "From a request's arrival to its response, by route",
+            Unit::Seconds,
+            api.duration.clone(),
+        );
+        registry.register("texts", "Texts accepted by /v1/classify", api.texts.clone());
+        registry.register(
+            "queued_texts",
+            "Texts accepted and not yet answered by the agent",
+            api.queued.clone(),
+        );
+        registry.register(
+            "unclaimed_answers",
+            "Answers that came after their request had been answered (deadline) or had gone",
+            api.unclaimed.clone(),
+        );
+        api
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut text = String::new();
@@ -155,4 +235,24 @@ impl Metrics {
             .expect("writing to a String cannot fail");
         text
     }
+}
+
+/// Serves `/metrics` and `/healthz` on `addr` (the config's `metrics_listen`) until `stop`;
+/// `/healthz` turns 503 once `shutting_down` is cancelled.
+pub async fn spawn_endpoint(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    shutting_down: CancellationToken,
+    stop: CancellationToken,
+) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
+    let listener = splitee_common::http::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+    tracing::info!(%addr, "serving /metrics and /healthz");
+    Ok(tokio::spawn(splitee_common::http::serve_metrics(
+        listener,
+        Arc::new(move || metrics.encode()),
+        shutting_down,
+        stop,
+    )))
 }

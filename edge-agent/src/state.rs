@@ -96,6 +96,11 @@ impl StateFile {
             controller: controller.clone(),
         };
         let text = serde_json::to_string(&saved).context("serialising the bandit state")?;
+        // A first save into a directory nobody made yet (`results/` in a fresh checkout).
+        if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
         let mut staged = self.path.clone().into_os_string();
         staged.push(".partial");
         let staged = PathBuf::from(staged);
@@ -129,7 +134,7 @@ mod tests {
     #[test]
     fn a_restored_state_makes_the_same_choices_and_mismatches_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.json");
+        let path = dir.path().join("not-yet/state.json");
         let policy = PolicyConfig::Ucb1 { c: 1.0 };
         let file = StateFile::new(&path, "abc".into(), policy.clone());
         let mut live = controller(&policy, &[0.8, 0.9]);

@@ -2,81 +2,22 @@
 //! `gen-certs`), on the repository's default model and the shared labelled sentences.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use burn::prelude::*;
-use cloud_worker::{CertOptions, GeneratedCerts, Worker, WorkerConfig};
-use edge_agent::input::{self, InputFormat, InputRecord};
+use cloud_worker::GeneratedCerts;
+use edge_agent::input::InputRecord;
 use edge_agent::metrics::Metrics;
 use edge_agent::{Agent, AgentConfig, Answered, SampleRecord, Summary};
-use splitee_common::{BackendChoice, LoadedModel, ModelDir};
+use splitee_common::{LoadedModel, ModelDir};
 use tokio_util::sync::CancellationToken;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+mod support;
+use support::{certs, device, load_model, repo, sentences};
 
-fn model_dir() -> PathBuf {
-    repo().join("models/default")
-}
-
-fn device() -> Device {
-    BackendChoice::Flex.device().unwrap()
-}
-
-/// The first `n` labelled sentences of the shared test split.
-fn sentences(n: usize) -> Vec<InputRecord> {
-    let path = repo().join("../shared/data/sentence-polarity/test.tsv");
-    let file = std::fs::File::open(&path).unwrap_or_else(|e| {
-        panic!(
-            "these tests need ../shared beside the repository ({}): {e}",
-            path.display()
-        )
-    });
-    let mut records = Vec::new();
-    input::read(
-        std::io::BufReader::new(file),
-        InputFormat::Tsv,
-        64 * 1024,
-        &path,
-        |r| {
-            records.push(r);
-            records.len() < n
-        },
-    )
-    .unwrap();
-    assert_eq!(records.len(), n);
-    records
-}
-
-fn certs(dir: &Path) -> GeneratedCerts {
-    cloud_worker::gen_certs(&CertOptions {
-        out_dir: dir.to_owned(),
-        ..CertOptions::default()
-    })
-    .unwrap()
-}
-
-fn load_model() -> LoadedModel {
-    ModelDir::open(&model_dir())
-        .unwrap()
-        .load(&device())
-        .unwrap()
-}
-
-async fn start_worker(certs: &GeneratedCerts, listen: &str) -> Worker {
-    let mut config = WorkerConfig {
-        listen: listen.parse().unwrap(),
-        metrics_listen: None,
-        shutdown_timeout_ms: 5_000,
-        ..WorkerConfig::default()
-    };
-    config.tls.cert = certs.server_cert.clone();
-    config.tls.key = certs.server_key.clone();
-    let model = tokio::task::spawn_blocking(load_model).await.unwrap();
-    Worker::start(&config, model, device()).await.unwrap()
+async fn start_worker(certs: &GeneratedCerts, listen: &str) -> cloud_worker::Worker {
+    support::start_worker(certs, listen, |_| {}).await
 }
 
 /// An agent config on the default model; `tables` holds [arms], [policy], … as TOML.
@@ -84,17 +25,7 @@ fn agent_config(
     cloud: Option<(&GeneratedCerts, std::net::SocketAddr)>,
     tables: &str,
 ) -> AgentConfig {
-    let mut text = format!("model = {:?}\n", model_dir().to_str().unwrap());
-    if let Some((certs, address)) = cloud {
-        text.push_str(&format!(
-            "[cloud]\naddress = \"{address}\"\nca = {:?}\nencoding = \"f32\"\n\
-             request_timeout_ms = 3000\nconnect_timeout_ms = 300\nbackoff_initial_ms = 100\n\
-             backoff_max_ms = 400\n",
-            certs.ca_cert.to_str().unwrap()
-        ));
-    }
-    text.push_str(tables);
-    AgentConfig::from_toml(&text).unwrap()
+    AgentConfig::from_toml(&support::agent_toml(cloud, tables)).unwrap()
 }
 
 /// Runs `records` through `agent`, calling `on_record` with each output record.

@@ -54,11 +54,17 @@ fn main() -> anyhow::Result<()> {
 
     println!("| run | policy | samples | seconds | samples/s (1 core) |");
     println!("|---|---|---|---|---|");
-    let cases: [(&str, PolicyConfig, bool); 4] = [
+    let structured = PolicyConfig::StructuredUcb {
+        c: 0.25,
+        link_memory: 100.0,
+    };
+    let cases: [(&str, PolicyConfig, bool); 6] = [
         ("abstract", PolicyConfig::Ucb1 { c: 1.0 }, false),
         ("abstract", PolicyConfig::SplitEeS { c: 1.0 }, false),
         ("abstract", PolicyConfig::Random { seed: 1 }, false),
+        ("abstract", structured.clone(), false),
         ("measured+packets", PolicyConfig::Ucb1 { c: 1.0 }, true),
+        ("measured+packets", structured, true),
     ];
     for (name, policy, measured) in cases {
         let (model, range) = if measured {

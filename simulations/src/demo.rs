@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use burn::prelude::Device;
 use cloud_worker::{CertOptions, GeneratedCerts, Worker, WorkerConfig};
-use edge_agent::input::{self, InputFormat, InputRecord};
+use edge_agent::input::{self, InputRecord};
 use edge_agent::metrics::Metrics;
 use edge_agent::{Agent, AgentConfig, Answered, SampleRecord, Summary};
 use splitee_bandits::{ArmsConfig, PolicyConfig};
@@ -146,25 +146,6 @@ pub fn agent_config_for(config: &str, ca: &Path) -> anyhow::Result<AgentConfig> 
     AgentConfig::from_toml(&toml::to_string(&table)?)
 }
 
-/// Reads up to `limit` records of a labelled TSV file.
-pub fn read_sentences(path: &Path, limit: usize) -> anyhow::Result<Vec<InputRecord>> {
-    let file = std::fs::File::open(path)
-        .with_context(|| format!("cannot open the sentences {}", path.display()))?;
-    let mut records = Vec::new();
-    input::read(
-        std::io::BufReader::new(file),
-        InputFormat::Tsv,
-        64 * 1024,
-        path,
-        |record| {
-            records.push(record);
-            records.len() < limit
-        },
-    )?;
-    anyhow::ensure!(!records.is_empty(), "{} holds no sentence", path.display());
-    Ok(records)
-}
-
 /// Starts `link` in front of `upstream`, points `config` at it, and streams `inputs` through
 /// an agent, one every `interval`, calling `on_record` with each answer. Stops early (the
 /// samples already started are still answered) when `stop` is cancelled.
@@ -278,7 +259,7 @@ pub async fn run_demo(
     let config_text = std::fs::read_to_string(&options.agent_config)
         .with_context(|| format!("reading {}", options.agent_config.display()))?;
     let link = LinkConfig::load(&options.link_config)?;
-    let sentences = read_sentences(&options.sentences, options.samples)?;
+    let sentences = input::read_tsv_file(&options.sentences, options.samples)?;
     std::fs::create_dir_all(&options.out)
         .with_context(|| format!("creating {}", options.out.display()))?;
 

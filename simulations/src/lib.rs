@@ -14,6 +14,7 @@
 //! Live, on real sockets: [`link`] emulates a network link in user space for real QUIC
 //! traffic, and [`demo`] runs a cloud worker, the link and an edge agent together.
 
+pub mod calibrate;
 pub mod clock;
 pub mod demo;
 pub mod error;

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use simulations::calibrate::calibrate;
 use simulations::demo::{self, DemoOptions};
+use simulations::experiment::AgentTables;
 use simulations::experiment::{ExperimentConfig, Prepared, run_experiment};
 use simulations::link::{self, LinkConfig};
 use simulations::matrix::ConfidenceMatrix;
@@ -36,12 +38,41 @@ enum Command {
         /// Use this matrix instead of the config's (same format), e.g. a synthetic one.
         #[arg(long)]
         matrix: Option<PathBuf>,
+        /// Samples per run instead of the config's `samples`.
+        #[arg(long)]
+        samples: Option<usize>,
+        /// Seeds instead of the config's `seeds`, e.g. `--seeds 1,2,3,4,5`.
+        #[arg(long, value_delimiter = ',')]
+        seeds: Option<Vec<u64>>,
         /// Worker threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+    },
+    /// Certify an agent's arms on a labelled recorded matrix (Learn-then-Test): the arms whose
+    /// accuracy drop against the final exit is ≤ ε with probability ≥ 1 − δ. Prints every arm's
+    /// test; `--write` puts the certified set into the config as `[arms] allowed`.
+    Calibrate {
+        /// The edge-agent config whose `[arms]` grid is certified.
+        #[arg(long)]
+        config: PathBuf,
+        /// The labelled calibration matrix (splitee CSV, `simulations record`).
+        #[arg(long)]
+        matrix: PathBuf,
+        /// Another labelled matrix of the same model: reports each arm's drop on it.
+        #[arg(long)]
+        held_out: Option<PathBuf>,
+        /// Largest accuracy drop a certified arm may have (0.01 = one point).
+        #[arg(long, default_value_t = 0.01)]
+        epsilon: f64,
+        /// Probability that some certified arm exceeds ε.
+        #[arg(long, default_value_t = 0.05)]
+        delta: f64,
+        /// Write `[arms] allowed` into the config (comments and layout kept).
+        #[arg(long)]
+        write: bool,
     },
     /// Write a SYNTHETIC confidence matrix in splitee's format (see `simulations::synth`).
     Synth {
@@ -167,6 +198,8 @@ fn main() -> anyhow::Result<()> {
             config,
             out,
             matrix,
+            samples,
+            seeds,
             threads,
             quiet,
         } => {
@@ -179,6 +212,12 @@ fn main() -> anyhow::Result<()> {
             let mut cfg = ExperimentConfig::load(&config)?;
             if let Some(m) = matrix {
                 cfg.matrix.path = m;
+            }
+            if let Some(n) = samples {
+                cfg.samples = n;
+            }
+            if let Some(seeds) = seeds {
+                cfg.seeds = seeds;
             }
             let m = cfg.matrix.load(None)?;
             if m.is_synthetic() {
@@ -212,6 +251,48 @@ fn main() -> anyhow::Result<()> {
                 "wrote SYNTHETIC matrix {} ({samples} samples)",
                 out.display()
             );
+        }
+        Command::Calibrate {
+            config,
+            matrix,
+            held_out,
+            epsilon,
+            delta,
+            write,
+        } => {
+            let agent = AgentTables::from_file(&config)?;
+            let read = |path: &PathBuf| {
+                ConfidenceMatrix::read_csv(path)
+                    .with_context(|| format!("reading the matrix {}", path.display()))
+            };
+            let calibration = read(&matrix)?;
+            let held = held_out.as_ref().map(read).transpose()?;
+            let calibrated = calibrate(&agent, &calibration, held.as_ref(), epsilon, delta)?;
+            println!("{}", calibrated.table());
+            let certified = calibrated.certificate.certified().count();
+            println!(
+                "{certified} of {} arms certified{}",
+                calibrated.certificate.tests.len(),
+                calibrated
+                    .worst_held_out()
+                    .map(|d| format!(
+                        "; the worst drop of a certified arm on {}: {:+.2} points (ε = {:.2})",
+                        held_out.as_ref().expect("held-out drops").display(),
+                        100.0 * d,
+                        100.0 * epsilon
+                    ))
+                    .unwrap_or_default()
+            );
+            if write {
+                anyhow::ensure!(
+                    certified > 0,
+                    "no arm was certified: the config is unchanged"
+                );
+                let text = std::fs::read_to_string(&config)?;
+                std::fs::write(&config, calibrated.write_into(&text, &matrix)?)
+                    .with_context(|| format!("writing {}", config.display()))?;
+                eprintln!("wrote [arms] allowed into {}", config.display());
+            }
         }
         Command::Record {
             model,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use burn::prelude::Device;
 use edge_agent::{Answered, SampleRecord};
-use simulations::demo::{self, DemoOptions, LinkRun, LocalCloud, agent_config_for, read_sentences};
+use simulations::demo::{self, DemoOptions, LinkRun, LocalCloud, agent_config_for};
 use simulations::link::LinkConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -32,7 +32,7 @@ fn device() -> Device {
 
 /// The embedded labelled sentences (no `../shared` needed).
 fn sentences(n: usize) -> Vec<edge_agent::input::InputRecord> {
-    let records = read_sentences(
+    let records = edge_agent::input::read_tsv_file(
         &repo().join("simulations/data/sentences/sentence-polarity-test.tsv"),
         n,
     )
@@ -73,6 +73,15 @@ fn agent_toml(tables: &str) -> String {
 /// link does (measured with the 30 ms profile: offload rate 0.57 before a link outage and 0.56
 /// after it).
 const NON_STATIONARY: &str = "[policy]\nkind = \"sliding-window-ucb\"\nwindow = 100\nc = 0.25\n";
+
+/// The structured policy with its defaults (`splitee_bandits::StructuredUcb`).
+const STRUCTURED: &str = "[policy]\nkind = \"structured-ucb\"\n";
+
+/// Both non-stationary policies face each fault, one after the other.
+const POLICIES: [(&str, &str); 2] = [("SW-UCB", NON_STATIONARY), ("structured", STRUCTURED)];
+
+/// The all-device arm's charge at the profile's 32 tokens: embedding and six 60 ms layers.
+const LOCAL_MS: f64 = 1.5 + 6.0 * 60.0;
 
 const OFFLOAD_OR_LOCAL: &str = "[arms]\nsplits = [1, 6]\nthresholds = [1.0]\n\
      [reward]\nkind = \"split-ee\"\nlambda = 0.002\nedge_costs = \"profile\"\ncost_scale_ms = 500\n\
@@ -125,37 +134,67 @@ async fn a_link_outage_makes_the_bandit_answer_on_the_device_and_offloading_reco
     let link = "[uplink]\nrate = { kind = \"constant\", rate_mbps = 50 }\ndelay_ms = 5\n\
                 [downlink]\nrate = { kind = \"constant\", rate_mbps = 50 }\ndelay_ms = 5\n\
                 [[outages]]\nat_s = 5\nduration_s = 5\n";
-    let agent = agent_toml(&format!(
-        "[cloud]\nrequest_timeout_ms = 1000\nconnect_timeout_ms = 500\nbackoff_initial_ms = 100\n\
-         backoff_max_ms = 500\n{OFFLOAD_OR_LOCAL}{NON_STATIONARY}"
-    ));
-    let run = run(&cloud, link, &agent, SAMPLES, Duration::from_millis(25)).await;
-    cloud.shutdown().await.unwrap();
+    for (name, policy) in POLICIES {
+        let agent = agent_toml(&format!(
+            "[cloud]\nrequest_timeout_ms = 1000\nconnect_timeout_ms = 500\nbackoff_initial_ms = 100\n\
+             backoff_max_ms = 500\n{OFFLOAD_OR_LOCAL}{policy}"
+        ));
+        let run = run(&cloud, link, &agent, SAMPLES, Duration::from_millis(25)).await;
 
-    assert_each_answered_once(&run.records, SAMPLES);
-    let rate = |from, to| run.offload_rate_between(from, to).unwrap();
-    let (before, during, after) = (rate(2.0, 5.0), rate(6.5, 10.0), rate(14.0, 100.0));
-    let timeline = timeline(&run);
-    println!("offload rate before {before:.2}, during {during:.2}, after {after:.2}: {timeline:?}");
-    assert!(
-        before > 0.7,
-        "offloading pays before the outage: {before:.2} {timeline:?}"
-    );
-    assert!(
-        during < before / 2.0,
-        "falls during the outage: {during:.2} {timeline:?}"
-    );
-    assert!(
-        after > 0.7,
-        "and recovers after it: {after:.2} {timeline:?}"
-    );
-    let in_outage = |(at, record): &&(f64, SampleRecord)| {
-        (5.0..10.0).contains(at) && record.answered == Answered::Cloud
-    };
-    assert!(
-        run.records.iter().filter(in_outage).count() <= 16,
-        "no more cloud answers during the outage than were in flight at its start"
-    );
+        assert_each_answered_once(&run.records, SAMPLES);
+        let rate = |from, to| run.offload_rate_between(from, to).unwrap();
+        let (before, during, after) = (rate(2.0, 5.0), rate(6.5, 10.0), rate(14.0, 100.0));
+        let timeline = timeline(&run);
+        println!(
+            "{name}: offload rate before {before:.2}, during {during:.2}, after {after:.2}: \
+             {timeline:?}"
+        );
+        assert!(
+            before > 0.7,
+            "{name}: offloading pays before the outage: {before:.2} {timeline:?}"
+        );
+        // What the outage costs: once the agent knows the worker is unreachable, an offload
+        // fails at once and the device finishes the sample, charged what the all-device arm
+        // costs. Beyond that, only the requests caught by the outage wait for their timeout.
+        let (charged, local): (f64, f64) = run
+            .records
+            .iter()
+            .filter(|(at, r)| (6.5..10.0).contains(&(at - r.latency_ms.total / 1000.0)))
+            .map(|(_, r)| {
+                (
+                    r.cost_ms.unwrap(),
+                    LOCAL_MS * r.tokens.unwrap() as f64 / 32.0,
+                )
+            })
+            .fold((0.0, 0.0), |(c, l), (rc, rl)| (c + rc, l + rl));
+        println!(
+            "{name}: charged during the outage {:.0} % of the all-device cost",
+            100.0 * charged / local
+        );
+        assert!(
+            charged <= 1.1 * local,
+            "{name}: the outage costs {charged:.0} ms, the device alone {local:.0} ms"
+        );
+        if name == "SW-UCB" {
+            // It also stops choosing the offload arm: the timeouts stay in its window.
+            assert!(
+                during < before / 2.0,
+                "{name}: falls during the outage: {during:.2} {timeline:?}"
+            );
+        }
+        assert!(
+            after > 0.7,
+            "{name}: and recovers after it: {after:.2} {timeline:?}"
+        );
+        let in_outage = |(at, record): &&(f64, SampleRecord)| {
+            (5.0..10.0).contains(at) && record.answered == Answered::Cloud
+        };
+        assert!(
+            run.records.iter().filter(in_outage).count() <= 16,
+            "{name}: no more cloud answers during the outage than were in flight at its start"
+        );
+    }
+    cloud.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,36 +213,39 @@ async fn a_step_from_lte_to_3g_makes_the_bandit_offload_less() {
     assert!(link.contains(&format!("at_s = {SWITCH_S}")));
     // int8 payloads (≈ 10 KB a sentence) every 40 ms: about a third of the LTE uplink when
     // every sample is offloaded, twice what the 3G uplink carries.
-    let agent = agent_toml(&format!(
-        "[cloud]\nencoding = \"int8-per-token\"\n{OFFLOAD_OR_LOCAL}{NON_STATIONARY}"
-    ));
-    let run = run(&cloud, &link, &agent, SAMPLES, Duration::from_millis(40)).await;
-    cloud.shutdown().await.unwrap();
+    for (name, policy) in POLICIES {
+        let agent = agent_toml(&format!(
+            "[cloud]\nencoding = \"int8-per-token\"\n{OFFLOAD_OR_LOCAL}{policy}"
+        ));
+        let run = run(&cloud, &link, &agent, SAMPLES, Duration::from_millis(40)).await;
 
-    assert_each_answered_once(&run.records, SAMPLES);
-    let timeline = timeline(&run);
-    let on_lte = run.offload_rate_between(3.0, SWITCH_S).unwrap();
-    // Bounded adaptation: judged from the 150th sample answered after the switch on.
-    let (settled_at, _) = run
-        .records
-        .iter()
-        .filter(|(at, _)| *at >= SWITCH_S)
-        .nth(150)
-        .expect("150 samples after the switch");
-    let on_3g = run
-        .offload_rate_between(*settled_at, f64::INFINITY)
-        .unwrap();
-    println!(
-        "offload rate on LTE {on_lte:.2}, on 3G from {settled_at:.1} s {on_3g:.2}: {timeline:?}"
-    );
-    assert!(
-        on_lte > 0.5,
-        "the bandit prefers offloading on LTE: {on_lte:.2} {timeline:?}"
-    );
-    assert!(
-        on_3g < on_lte / 2.0,
-        "the bandit offloads less on 3G: {on_3g:.2} {timeline:?}"
-    );
+        assert_each_answered_once(&run.records, SAMPLES);
+        let timeline = timeline(&run);
+        let on_lte = run.offload_rate_between(3.0, SWITCH_S).unwrap();
+        // Bounded adaptation: judged from the 150th sample answered after the switch on.
+        let (settled_at, _) = run
+            .records
+            .iter()
+            .filter(|(at, _)| *at >= SWITCH_S)
+            .nth(150)
+            .expect("150 samples after the switch");
+        let on_3g = run
+            .offload_rate_between(*settled_at, f64::INFINITY)
+            .unwrap();
+        println!(
+            "{name}: offload rate on LTE {on_lte:.2}, on 3G from {settled_at:.1} s {on_3g:.2}: \
+             {timeline:?}"
+        );
+        assert!(
+            on_lte > 0.5,
+            "{name}: the bandit prefers offloading on LTE: {on_lte:.2} {timeline:?}"
+        );
+        assert!(
+            on_3g < on_lte / 2.0,
+            "{name}: the bandit offloads less on 3G: {on_3g:.2} {timeline:?}"
+        );
+    }
+    cloud.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -107,7 +107,7 @@ async fn the_simulator_replays_the_live_demo() {
         .unwrap();
     let config = demo::agent_config_for(&config_text, &cloud.certs.ca_cert).unwrap();
     let link = LinkConfig::load(Path::new("configs/links/lte.toml")).unwrap();
-    let sentences = demo::read_sentences(
+    let sentences = edge_agent::input::read_tsv_file(
         Path::new("simulations/data/sentences/sentence-polarity-test.tsv"),
         SAMPLES,
     )

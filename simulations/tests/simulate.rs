@@ -367,6 +367,20 @@ fn clock() -> ClockConfig {
     }
 }
 
+fn f32_workload(m: &ConfidenceMatrix) -> Workload {
+    Workload::new(m, &clock().resolve(m, None, PayloadEncoding::F32).unwrap()).unwrap()
+}
+
+/// 12 Mbit/s (one 1500-byte packet a millisecond), RTT 30 ms; measured costs at λ = 0.01.
+fn packet_a_ms_link() -> (Link, RewardModel) {
+    let link = Link::plain(
+        Arc::new(BaseTrace::constant(12.0).unwrap()),
+        Arc::new(Rtt::Constant(30.0)),
+    );
+    let model = RewardModel::new(RewardKind::SplitEe, CostModel::measured(0.01).unwrap());
+    (link, model)
+}
+
 /// The agent's defaults, but a window and timeout that never bind.
 fn agent(layers: usize) -> AgentModel {
     AgentModel {
@@ -393,17 +407,9 @@ fn fixed_controller(arms: usize, arm: usize, model: &RewardModel) -> Controller 
 #[test]
 fn a_hand_computed_offload_matches_the_simulator() {
     let m = one_sample(0.6, 0.9, 1);
-    let w = Workload::new(
-        &m,
-        &clock().resolve(&m, None, PayloadEncoding::F32).unwrap(),
-    )
-    .unwrap();
-    // 15 tokens × 100 × 4 B = 6000 B = 4 packets; 12 Mbit/s = 1 packet/ms; RTT 30.
-    let link = Link::plain(
-        Arc::new(BaseTrace::constant(12.0).unwrap()),
-        Arc::new(Rtt::Constant(30.0)),
-    );
-    let model = RewardModel::new(RewardKind::SplitEe, CostModel::measured(0.01).unwrap());
+    let w = f32_workload(&m);
+    // 15 tokens × 100 × 4 B = 6000 B = 4 packets at one packet a ms; RTT 30.
+    let (link, model) = packet_a_ms_link();
     let go = |arm: usize, agent: AgentModel, interval_ms: f64| {
         run(RunSpec {
             workload: &w,
@@ -480,16 +486,8 @@ fn the_cloud_exit_and_the_confidence_measure_are_replayed() {
         layer_ms: &[10.0, 20.0, 30.0],
     })
     .unwrap();
-    let w = Workload::new(
-        &m,
-        &clock().resolve(&m, None, PayloadEncoding::F32).unwrap(),
-    )
-    .unwrap();
-    let link = Link::plain(
-        Arc::new(BaseTrace::constant(12.0).unwrap()),
-        Arc::new(Rtt::Constant(30.0)),
-    );
-    let model = RewardModel::new(RewardKind::SplitEe, CostModel::measured(0.01).unwrap());
+    let w = f32_workload(&m);
+    let (link, model) = packet_a_ms_link();
     let go = |agent: AgentModel| {
         let controller = Controller::new(
             ArmSpace::splits(3, 0.8).unwrap(),
@@ -982,4 +980,36 @@ fn every_shipped_agent_config_means_the_same_to_the_simulator() {
     // A key neither the agent nor the simulator knows is an error in both.
     let typo = "[arms]\nsplits = \"exits\"\nthresholds = [0.9]\n[pipeline]\nwindw = 3\n";
     assert!(simulations::experiment::AgentTables::from_agent_toml(typo).is_err());
+}
+
+#[test]
+fn certified_arms_keep_their_bound_on_held_out_data_and_restrict_the_agent() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = fs::read_to_string(repo.join("configs/edge-agent.toml")).unwrap();
+    let agent = simulations::experiment::AgentTables::from_agent_toml(&text).unwrap();
+    let read =
+        |name: &str| ConfidenceMatrix::read_csv(&repo.join("simulations/data").join(name)).unwrap();
+    // Calibrated on the dev split, held out: the test split (the same model's recordings).
+    let (dev, test) = (
+        read("sentence-polarity-dev.csv"),
+        read("sentence-polarity-test.csv"),
+    );
+    let epsilon = 0.01;
+    let calibrated =
+        simulations::calibrate::calibrate(&agent, &dev, Some(&test), epsilon, 0.05).unwrap();
+    let certified: Vec<_> = calibrated.certificate.certified().collect();
+    assert!(certified.len() >= 2, "{}", calibrated.table());
+    let worst = calibrated.worst_held_out().unwrap();
+    assert!(
+        worst <= epsilon,
+        "a certified arm lost {worst} on held-out data"
+    );
+    // Written into the config, the agent and the simulator play only the certified arms.
+    let written = calibrated.write_into(&text, Path::new("dev.csv")).unwrap();
+    assert!(written.contains("certified by `simulations calibrate`"));
+    let live = simulations::demo::agent_config_for(&written, Path::new("ca.pem")).unwrap();
+    let (space, _) = live.arms.build(6, &[1, 2, 3, 4, 5, 6]).unwrap();
+    assert_eq!(space.len(), certified.len());
+    let simulated = simulations::experiment::AgentTables::from_agent_toml(&written).unwrap();
+    assert_eq!(simulated.arms, live.arms);
 }

@@ -86,8 +86,9 @@ pub struct AgentTables {
 }
 
 /// Keys of an agent config the simulation has no use for.
-const LIVE_ONLY: [&str; 6] = [
+const LIVE_ONLY: [&str; 7] = [
     "model",
+    "serve",
     "backend",
     "state_file",
     "save_state_every",

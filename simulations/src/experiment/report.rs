@@ -1,4 +1,5 @@
 //! What an experiment writes: `runs.csv` (one row per run), `summary.csv` (means over seeds),
+//! `arms.csv` (every arm played alone: the fixed-arm runs behind the best fixed arm),
 //! `series.csv` (the first seed's runs over time), `reconvergence.csv` (links with step
 //! changes), `report.md`, and PNG/SVG plots.
 //!
@@ -234,6 +235,46 @@ pub fn run_experiment(prepared: &Prepared, out: &Path, progress: bool) -> anyhow
         )?;
     }
     runs_csv.flush()?;
+
+    // arms.csv: every arm's own run, the reference the policies are measured against.
+    let mut arms_csv = csv::Writer::from_path(out.join("arms.csv"))?;
+    arms_csv.write_record([
+        "link",
+        "lambda",
+        "offload",
+        "seed",
+        "arm",
+        "split",
+        "threshold",
+        "accuracy",
+        "offload_rate",
+        "fallbacks",
+        "mean_latency_ms",
+        "cost_per_sample",
+        "cum_reward",
+    ])?;
+    for r in &records {
+        let Player::Arm(k) = r.player else { continue };
+        let p = prepared.params[r.param];
+        let arm = prepared.space.arms()[k];
+        let res = &r.result;
+        arms_csv.write_record([
+            cfg.links[r.link].name.clone(),
+            p.lambda.to_string(),
+            p.offload.map(|o| o.to_string()).unwrap_or_default(),
+            r.seed.to_string(),
+            k.to_string(),
+            arm.split.to_string(),
+            arm.threshold.to_string(),
+            res.accuracy().map(|a| a.to_string()).unwrap_or_default(),
+            res.offload_rate().to_string(),
+            res.fallbacks.to_string(),
+            res.mean_latency_ms().to_string(),
+            res.mean_cost().to_string(),
+            res.reward_sum.to_string(),
+        ])?;
+    }
+    arms_csv.flush()?;
 
     // series.csv (first seed)
     let mut series_csv = csv::Writer::from_path(out.join("series.csv"))?;
