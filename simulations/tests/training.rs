@@ -330,3 +330,32 @@ fn the_mpnet_exits_load_and_reproduce_the_model_card() {
         "the model differs from its recorded matrix by {worst}"
     );
 }
+
+/// Every shipped training config parses and validates; the base-size model's keeps the fetched
+/// backbone frozen and writes into the model's own directory, so training adds exit heads only.
+#[test]
+fn every_shipped_training_config_parses() {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(repo.join("configs")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !(name.starts_with("train-") && name.ends_with(".toml")) {
+            continue;
+        }
+        let config = TrainConfig::from_file(&path).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        if name == "train-mpnet-frozen.toml" {
+            assert_eq!(config.output, config.base_model);
+            assert!(matches!(
+                config.strategy,
+                Strategy::Separate {
+                    finetune: None,
+                    head_selection: HeadSelection::Each,
+                    ..
+                }
+            ));
+        }
+        seen += 1;
+    }
+    assert!(seen >= 3, "{seen} training configs");
+}

@@ -116,8 +116,18 @@ fn exits_saved_beside_a_fetched_backbone_name_it() {
     let mut exits = ExitConfig::every_layer(12, 2);
     exits.layers = vec![3, 12];
     exits.labels = vec!["negative".into(), "positive".into()];
-    let heads = splitee_common::model::ExitHeads::init(768, &exits, &device);
+    let mut heads = splitee_common::model::ExitHeads::init(768, &exits, &device);
     assert_eq!(heads.num_params(), 2 * (768 * 2 + 2));
+    // Weights of their own (init's are zeros), so that reading them back shows they are these.
+    for (index, head) in heads.heads.iter_mut().enumerate() {
+        let values: Vec<f32> = (0..768 * 2)
+            .map(|j| ((index * 7 + j) % 13) as f32 / 13.0 - 0.5)
+            .collect();
+        head.classifier.weight = burn::module::Param::from_tensor(Tensor::<2>::from_data(
+            TensorData::new(values, [768, 2]),
+            &device,
+        ));
+    }
 
     let out = tempfile::tempdir().unwrap();
     save_exits(&base, &heads, out.path(), StorageDType::F32).unwrap();
@@ -141,6 +151,12 @@ fn exits_saved_beside_a_fetched_backbone_name_it() {
     assert_eq!(saved.exits, exits);
     let model = saved.load_model(&device).unwrap();
     assert_eq!(model.exit_config().layers, [3, 12]);
+    for (loaded, written) in model.exits.heads.iter().zip(&heads.heads) {
+        assert_eq!(
+            loaded.classifier.weight.val().into_data(),
+            written.classifier.weight.val().into_data()
+        );
+    }
 
     let other = tempfile::tempdir().unwrap();
     std::fs::write(other.path().join("model.safetensors"), b"other weights").unwrap();
