@@ -23,7 +23,7 @@ pub use device::BackendChoice;
 pub use error::{Error, Result};
 pub use fingerprint::Fingerprint;
 pub use model::{Hidden, MultiExitBert, PaddingMask};
-pub use model_dir::{LoadedModel, ModelDir, save_model};
+pub use model_dir::{LoadedModel, ModelDir, save_exits, save_model};
 /// The fetcher of cached backbones (`fetch-model`), re-exported for the binaries and tests.
 pub use splitee_fetch as fetch;
 pub use tokenize::{Batch, Encoding, Tokenizer};

@@ -220,28 +220,149 @@ pub fn save_model(
     out: &Path,
     dtype: weights::StorageDType,
 ) -> Result<()> {
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |error| Error::Io { path, error }
-    };
-    std::fs::create_dir_all(out).map_err(io(out))?;
-    let staged = |name: &str| out.join(format!(".{name}.partial"));
-    let config = serde_json::to_string_pretty(model.config()).expect("configs serialise");
-    std::fs::write(staged(CONFIG_FILE), config).map_err(io(&staged(CONFIG_FILE)))?;
-    let exits = serde_json::to_string_pretty(model.exit_config()).expect("configs serialise");
-    std::fs::write(staged(EXIT_CONFIG_FILE), exits).map_err(io(&staged(EXIT_CONFIG_FILE)))?;
-    std::fs::copy(tokenizer_json, staged(TOKENIZER_FILE)).map_err(io(tokenizer_json))?;
     let family = model.config().family();
-    weights::save(&model.bert, &staged(WEIGHTS_FILE), dtype, family)?;
-    weights::save(&model.exits, &staged(EXIT_WEIGHTS_FILE), dtype, family)?;
-    for name in [
-        CONFIG_FILE,
-        EXIT_CONFIG_FILE,
-        TOKENIZER_FILE,
-        WEIGHTS_FILE,
-        EXIT_WEIGHTS_FILE,
-    ] {
-        std::fs::rename(staged(name), out.join(name)).map_err(io(&out.join(name)))?;
+    let mut staged = Staged::new(out)?;
+    staged.write(CONFIG_FILE, &json(model.config()))?;
+    staged.copy(TOKENIZER_FILE, tokenizer_json)?;
+    staged.save(WEIGHTS_FILE, &model.bert, dtype, family)?;
+    staged.exits(&model.exits, dtype, family)?;
+    staged.commit()
+}
+
+/// Writes exit heads trained on `base`'s backbone, unchanged (a frozen backbone), as a model
+/// directory at `out` that shares that backbone: into `base` itself only `exits.json` and
+/// `exits.safetensors`; elsewhere also `base`'s config, tokenizer and weights source (its
+/// `backbone.json`, or its `model.safetensors`), byte for byte.
+///
+/// The backbone is never re-encoded: a fetched backbone stays in the cache (a repository's
+/// model directory gains two small files, not 438 MB), and the copy's weights fingerprint
+/// like the original's. Written and renamed into place like [`save_model`].
+pub fn save_exits(
+    base: &ModelDir,
+    exits: &ExitHeads,
+    out: &Path,
+    dtype: weights::StorageDType,
+) -> Result<()> {
+    exits
+        .config
+        .validate(base.config.num_hidden_layers)
+        .map_err(|message| Error::Config {
+            path: out.join(EXIT_CONFIG_FILE),
+            message,
+        })?;
+    let mut staged = Staged::new(out)?;
+    if !same_directory(&base.path, out) {
+        let (source, other) = match base.backbone {
+            Some(_) => (SPEC_FILE, WEIGHTS_FILE),
+            None => (WEIGHTS_FILE, SPEC_FILE),
+        };
+        // Two weight sources make a directory that does not open (see `resolve_weights`).
+        if out.join(other).exists() {
+            return Err(Error::Config {
+                path: out.join(other),
+                message: format!(
+                    "the exits of {} go with its {source}; write them to its own directory \
+                     or to one without {other}",
+                    base.path.display()
+                ),
+            });
+        }
+        staged.copy(CONFIG_FILE, &base.path.join(CONFIG_FILE))?;
+        staged.copy(TOKENIZER_FILE, &base.path.join(TOKENIZER_FILE))?;
+        staged.link_or_copy(source, &base.path.join(source))?;
     }
-    Ok(())
+    staged.exits(exits, dtype, base.config.family())?;
+    staged.commit()
+}
+
+fn json(value: &impl serde::Serialize) -> String {
+    serde_json::to_string_pretty(value).expect("configs serialise")
+}
+
+/// Whether two paths name the same directory (a missing `b` is a new one).
+fn same_directory(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// Files of a model directory written under temporary names, renamed into place together by
+/// [`Staged::commit`].
+struct Staged<'a> {
+    out: &'a Path,
+    names: Vec<&'static str>,
+}
+
+impl<'a> Staged<'a> {
+    fn new(out: &'a Path) -> Result<Self> {
+        std::fs::create_dir_all(out).map_err(io(out))?;
+        Ok(Self {
+            out,
+            names: Vec::new(),
+        })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.out.join(format!(".{name}.partial"))
+    }
+
+    fn write(&mut self, name: &'static str, text: &str) -> Result<()> {
+        let path = self.path(name);
+        std::fs::write(&path, text).map_err(io(&path))?;
+        self.names.push(name);
+        Ok(())
+    }
+
+    fn copy(&mut self, name: &'static str, from: &Path) -> Result<()> {
+        std::fs::copy(from, self.path(name)).map_err(io(from))?;
+        self.names.push(name);
+        Ok(())
+    }
+
+    /// A hard link where the file system allows one (a per-epoch checkpoint beside a local
+    /// backbone then costs no copy of its weights), else a copy. Safe because weight files are
+    /// only ever replaced by renaming a new file over them, never rewritten in place.
+    fn link_or_copy(&mut self, name: &'static str, from: &Path) -> Result<()> {
+        if std::fs::hard_link(from, self.path(name)).is_ok() {
+            self.names.push(name);
+            return Ok(());
+        }
+        self.copy(name, from)
+    }
+
+    fn save<M: burn::store::ModuleSnapshot>(
+        &mut self,
+        name: &'static str,
+        module: &M,
+        dtype: weights::StorageDType,
+        family: crate::config::Family,
+    ) -> Result<()> {
+        weights::save(module, &self.path(name), dtype, family)?;
+        self.names.push(name);
+        Ok(())
+    }
+
+    fn exits(
+        &mut self,
+        exits: &ExitHeads,
+        dtype: weights::StorageDType,
+        family: crate::config::Family,
+    ) -> Result<()> {
+        self.write(EXIT_CONFIG_FILE, &json(&exits.config))?;
+        self.save(EXIT_WEIGHTS_FILE, exits, dtype, family)
+    }
+
+    fn commit(self) -> Result<()> {
+        for name in &self.names {
+            let (from, to) = (self.path(name), self.out.join(name));
+            std::fs::rename(&from, &to).map_err(io(&to))?;
+        }
+        Ok(())
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.to_owned();
+    move |error| Error::Io { path, error }
 }

@@ -126,9 +126,14 @@ enum Command {
     /// sentences; then the always-on-device and always-offload baselines over the same link.
     /// Prints a comparison table and plots the bandit's arm over time. Ctrl-C stops cleanly.
     Demo {
-        /// The edge agent's config ([cloud] address and CA are filled in by the demo).
-        #[arg(long, default_value = "configs/demo.toml")]
-        config: PathBuf,
+        /// The model, by the agent config it picks: `default` (configs/demo.toml) or
+        /// `mpnet-base` (configs/demo-mpnet.toml; fetch its weights first with `fetch-model`).
+        #[arg(long, value_enum, default_value_t = DemoModel::Default, conflicts_with = "config")]
+        model: DemoModel,
+        /// The edge agent's config instead of the model's ([cloud] address and CA are filled
+        /// in by the demo).
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// The emulated link.
         #[arg(long, default_value = "configs/links/lte.toml")]
         link: PathBuf,
@@ -165,6 +170,26 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:4433")]
         upstream: SocketAddr,
     },
+}
+
+/// The models the demo knows, each with the agent config that runs it.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DemoModel {
+    /// The embedded all-MiniLM-L6-v2, its device charged as a made-up slow board (30 ms a
+    /// layer): on this machine's fast cores offloading would never pay.
+    Default,
+    /// all-mpnet-base-v2 (models/mpnet-base), its device charged as the Raspberry Pi 4
+    /// estimate (configs/devices/rpi4-mpnet.toml, 28 ms a layer).
+    MpnetBase,
+}
+
+impl DemoModel {
+    fn agent_config(self) -> &'static str {
+        match self {
+            DemoModel::Default => "configs/demo.toml",
+            DemoModel::MpnetBase => "configs/demo-mpnet.toml",
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -321,6 +346,7 @@ fn main() -> anyhow::Result<()> {
             println!("{}", report.test.markdown(&[0.6, 0.7, 0.8, 0.9]));
         }
         Command::Demo {
+            model,
             config,
             link,
             sentences,
@@ -333,7 +359,7 @@ fn main() -> anyhow::Result<()> {
             // Warnings only by default: the progress bars are the demo's output.
             splitee_common::logging::init("warn");
             let options = DemoOptions {
-                agent_config: config,
+                agent_config: config.unwrap_or_else(|| model.agent_config().into()),
                 link_config: link,
                 sentences,
                 samples,

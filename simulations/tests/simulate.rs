@@ -888,6 +888,59 @@ fn every_shipped_experiment_prepares() {
     assert!(seen >= 3);
 }
 
+/// Every device preset parses, fits a shipped model and says it is an estimate; the base-size
+/// model's agent presets (and its demo config) carry their `configs/devices/` profile exactly,
+/// so the simulator's clock and the agent's `[device]` are one estimate.
+#[test]
+fn device_presets_parse_and_the_mpnet_agents_carry_them() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut seen = 0;
+    for entry in fs::read_dir(repo.join("configs/devices")).unwrap() {
+        let path = entry.unwrap().path();
+        let profile = simulations::clock::load_profile(&path).unwrap();
+        let layers = profile.layer_ms.len();
+        assert!(layers == 6 || layers == 12, "{}", path.display());
+        profile.validate(layers).unwrap();
+        assert!(
+            profile.description.contains("ESTIMATE"),
+            "{}",
+            path.display()
+        );
+        seen += 1;
+    }
+    assert!(seen >= 4);
+    let mpnet_layers =
+        splitee_common::BertConfig::from_file(&repo.join("models/mpnet-base/config.json"))
+            .unwrap()
+            .num_hidden_layers;
+    for (agent, profile) in [
+        (
+            "configs/edge/raspberry-pi-4-mpnet.toml",
+            "configs/devices/rpi4-mpnet.toml",
+        ),
+        (
+            "configs/edge/raspberry-pi-5-mpnet.toml",
+            "configs/devices/rpi5-mpnet.toml",
+        ),
+        (
+            "configs/edge/jetson-orin-nano-mpnet.toml",
+            "configs/devices/orin-nano-cpu-mpnet.toml",
+        ),
+        ("configs/demo-mpnet.toml", "configs/devices/rpi4-mpnet.toml"),
+    ] {
+        let device = simulations::experiment::AgentTables::from_file(&repo.join(agent))
+            .unwrap()
+            .device
+            .unwrap_or_else(|| panic!("{agent} has no [device]"));
+        let preset = simulations::clock::load_profile(&repo.join(profile)).unwrap();
+        assert_eq!(device.layer_ms.len(), mpnet_layers, "{agent}");
+        assert_eq!(device.layer_ms, preset.layer_ms, "{agent}");
+        assert_eq!(device.embed_ms, preset.embed_ms, "{agent}");
+        assert_eq!(device.ref_tokens, preset.ref_tokens, "{agent}");
+        assert_eq!(device.description, preset.description, "{agent}");
+    }
+}
+
 #[test]
 fn every_shipped_agent_config_means_the_same_to_the_simulator() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");

@@ -48,9 +48,15 @@ fn mpnet_weights_resolve_to_the_verified_cache_entry() {
     let fingerprint = dir.fingerprint().unwrap();
     println!("models/mpnet-base fingerprint {fingerprint}");
 
-    // The same bytes under another name in a directory of their own: the same identity.
+    // The same bytes under another name in a directory of their own (the trained exits
+    // included): the same identity.
     let copy = tempfile::tempdir().unwrap();
-    for file in ["config.json", "tokenizer.json"] {
+    for file in [
+        "config.json",
+        "tokenizer.json",
+        "exits.json",
+        "exits.safetensors",
+    ] {
         std::fs::copy(mpnet_dir().join(file), copy.path().join(file)).unwrap();
     }
     std::fs::hard_link(&dir.weights, copy.path().join("model.safetensors"))
@@ -93,4 +99,70 @@ fn a_missing_or_ambiguous_backbone_is_an_error() {
     std::fs::write(dir.path().join("model.safetensors"), b"").unwrap();
     let error = ModelDir::open(dir.path()).unwrap_err().to_string();
     assert!(error.contains("keep one source of the weights"), "{error}");
+}
+
+/// Exit heads saved beside a fetched backbone carry no weights of it: the new directory names
+/// the same cache entry (its `backbone.json`), so the backbone's identity is unchanged and the
+/// repository never holds the 438 MB. Writing into a directory that holds other weights is
+/// refused rather than leaving one that does not open.
+#[test]
+fn exits_saved_beside_a_fetched_backbone_name_it() {
+    use burn::module::Module;
+    use splitee_common::weights::StorageDType;
+    use splitee_common::{ExitConfig, save_exits};
+
+    let base = ModelDir::open(&mpnet_dir()).unwrap();
+    let device = BackendChoice::Flex.device().unwrap();
+    let mut exits = ExitConfig::every_layer(12, 2);
+    exits.layers = vec![3, 12];
+    exits.labels = vec!["negative".into(), "positive".into()];
+    let mut heads = splitee_common::model::ExitHeads::init(768, &exits, &device);
+    assert_eq!(heads.num_params(), 2 * (768 * 2 + 2));
+    // Weights of their own (init's are zeros), so that reading them back shows they are these.
+    for (index, head) in heads.heads.iter_mut().enumerate() {
+        let values: Vec<f32> = (0..768 * 2)
+            .map(|j| ((index * 7 + j) % 13) as f32 / 13.0 - 0.5)
+            .collect();
+        head.classifier.weight = burn::module::Param::from_tensor(Tensor::<2>::from_data(
+            TensorData::new(values, [768, 2]),
+            &device,
+        ));
+    }
+
+    let out = tempfile::tempdir().unwrap();
+    save_exits(&base, &heads, out.path(), StorageDType::F32).unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(out.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "backbone.json",
+            "config.json",
+            "exits.json",
+            "exits.safetensors",
+            "tokenizer.json"
+        ]
+    );
+    let saved = ModelDir::open(out.path()).unwrap();
+    assert_eq!(saved.weights, base.weights);
+    assert_eq!(saved.exits, exits);
+    let model = saved.load_model(&device).unwrap();
+    assert_eq!(model.exit_config().layers, [3, 12]);
+    for (loaded, written) in model.exits.heads.iter().zip(&heads.heads) {
+        assert_eq!(
+            loaded.classifier.weight.val().into_data(),
+            written.classifier.weight.val().into_data()
+        );
+    }
+
+    let other = tempfile::tempdir().unwrap();
+    std::fs::write(other.path().join("model.safetensors"), b"other weights").unwrap();
+    let error = save_exits(&base, &heads, other.path(), StorageDType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("backbone.json"), "{error}");
+    assert!(!other.path().join("exits.json").exists());
 }
