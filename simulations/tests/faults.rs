@@ -171,9 +171,23 @@ async fn a_link_outage_makes_the_bandit_answer_on_the_device_and_offloading_reco
             "{name}: charged during the outage {:.0} % of the all-device cost",
             100.0 * charged / local
         );
+        let mut outcomes: BTreeMap<String, (usize, f64)> = BTreeMap::new();
+        for (at, record) in &run.records {
+            if (6.5..10.0).contains(&(at - record.latency_ms.total / 1000.0)) {
+                let key = format!(
+                    "{:?} {}",
+                    record.answered,
+                    record.error.as_deref().unwrap_or("")
+                );
+                let entry = outcomes.entry(key).or_default();
+                entry.0 += 1;
+                entry.1 += record.cost_ms.unwrap_or(0.0);
+            }
+        }
         assert!(
             charged <= 1.1 * local,
-            "{name}: the outage costs {charged:.0} ms, the device alone {local:.0} ms"
+            "{name}: the outage costs {charged:.0} ms, the device alone {local:.0} ms; \
+             (count, cost) by outcome: {outcomes:#?}"
         );
         if name == "SW-UCB" {
             // It also stops choosing the offload arm: the timeouts stay in its window.
