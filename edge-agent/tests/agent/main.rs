@@ -3,6 +3,7 @@
 //! binary (modules below) because each binary links all of burn.
 
 mod attack;
+mod connect;
 mod overload;
 mod sigterm;
 
