@@ -10,6 +10,7 @@ mod load;
 mod mtls;
 mod roundtrip;
 mod shutdown;
+mod signals;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
