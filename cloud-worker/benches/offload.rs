@@ -9,8 +9,14 @@
 //! 2. Throughput with 1, 8 and 32 concurrent clients (dynamic batching at work) against the
 //!    single-request compute bound (1 / compute time of a batch of one).
 //!
-//! `cargo bench -p cloud-worker --bench offload`. Numbers are for whatever machine runs it;
+//! `cargo bench --workspace --bench offload`. Numbers are for whatever machine runs it;
 //! client and worker share its cores.
+//!
+//! The worker computes on `SPLITEE_BENCH_BACKEND` (`flex` when unset; `ndarray`; `wgpu`, in a
+//! build with `--features cloud-worker/wgpu`, refusing a software rasterizer unless
+//! `SPLITEE_WGPU_ALLOW_SOFTWARE=1`, as the worker does); the edge half always runs on flex:
+//!
+//! `SPLITEE_BENCH_BACKEND=wgpu cargo bench -p cloud-worker --features wgpu --bench offload`
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -63,13 +69,32 @@ fn loopback_rate() -> f64 {
 
 fn main() {
     let shared = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared");
+    let backend: BackendChoice = std::env::var("SPLITEE_BENCH_BACKEND")
+        .unwrap_or_else(|_| "flex".into())
+        .parse()
+        .unwrap_or_else(|e| panic!("SPLITEE_BENCH_BACKEND: {e}"));
+    // The edge half (building the requests) on the CPU; the worker on the backend measured.
     let device = BackendChoice::Flex.device().unwrap();
-    let loaded = ModelDir::open(&shared.join("models/all-MiniLM-L6-v2"))
-        .unwrap()
-        .load(&device)
-        .unwrap();
-    let edge = loaded.model.clone();
-    let fingerprint = loaded.fingerprint.0;
+    let worker_device = backend
+        .device_or_refuse()
+        .unwrap_or_else(|why| panic!("SPLITEE_BENCH_BACKEND={backend}: {why}"));
+    if backend == BackendChoice::Wgpu {
+        println!(
+            "worker on wgpu: {}",
+            splitee_common::device::gpu_adapter().unwrap()
+        );
+    }
+    let load_model = |device: &Device| {
+        ModelDir::open(&shared.join("models/all-MiniLM-L6-v2"))
+            .unwrap()
+            .load(device)
+            .unwrap()
+    };
+    let edge_loaded = load_model(&device);
+    let edge = edge_loaded.model.clone();
+    let fingerprint = edge_loaded.fingerprint.0;
+    let loaded = load_model(&worker_device);
+    assert_eq!(loaded.fingerprint.0, fingerprint);
     let dir = tempfile::tempdir().unwrap();
     let certs = cloud_worker::gen_certs(&CertOptions {
         out_dir: dir.path().to_owned(),
@@ -121,7 +146,9 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let worker = Worker::start(&config, loaded, device.clone()).await.unwrap();
+        let worker = Worker::start(&config, loaded, worker_device.clone())
+            .await
+            .unwrap();
         let addr = worker.local_addr();
         let client = || {
             let roots = transport::load_certs(&certs.agent_ca).unwrap();
@@ -225,11 +252,10 @@ fn main() {
         // Throughput: a worker that waits up to 1 ms for batches to fill.
         let mut config = config.clone();
         config.batching.max_wait_us = 1_000;
-        let loaded = ModelDir::open(&shared.join("models/all-MiniLM-L6-v2"))
-            .unwrap()
-            .load(&device)
+        let loaded = load_model(&worker_device);
+        let worker = Worker::start(&config, loaded, worker_device.clone())
+            .await
             .unwrap();
-        let worker = Worker::start(&config, loaded, device.clone()).await.unwrap();
         let addr = worker.local_addr();
         let values = states(64);
         let template = request(&values, PayloadEncoding::F32, 0);

@@ -9,6 +9,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use splitee_common::BackendChoice;
 
+use crate::cid::QuicLbConfig;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkerConfig {
@@ -18,11 +20,16 @@ pub struct WorkerConfig {
     pub backend: BackendChoice,
     /// UDP address the QUIC endpoint listens on.
     pub listen: SocketAddr,
-    /// TCP address of the HTTP endpoint serving `/metrics` and `/healthz`; none when absent.
+    /// TCP address of the HTTP endpoint serving `/metrics`, `/healthz` and `/readyz`; none
+    /// when absent.
     pub metrics_listen: Option<SocketAddr>,
     pub tls: TlsConfig,
     pub batching: BatchingConfig,
     pub limits: LimitsConfig,
+    /// Routable connection IDs (QUIC-LB plaintext, [`crate::cid`]): the server ID a QUIC-aware
+    /// load balancer routes by. Absent: quinn's random IDs. `--quic-lb-server-id` sets
+    /// `server_id` (and creates the table with its defaults when the file has none).
+    pub quic_lb: Option<QuicLbConfig>,
     /// How long a graceful shutdown waits for in-flight requests before closing connections.
     pub shutdown_timeout_ms: u64,
     /// Serve clients without certificates on an address beyond loopback. Only the command line
@@ -42,6 +49,7 @@ impl Default for WorkerConfig {
             tls: TlsConfig::default(),
             batching: BatchingConfig::default(),
             limits: LimitsConfig::default(),
+            quic_lb: None,
             shutdown_timeout_ms: 30_000,
             insecure_no_client_auth: false,
         }
@@ -74,7 +82,7 @@ impl Default for TlsConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BatchingConfig {
     /// Most requests run in one forward pass.
@@ -86,6 +94,10 @@ pub struct BatchingConfig {
     /// request gets an immediate `busy` error frame. Also bounds the memory held by decoded
     /// hidden states.
     pub max_in_flight: usize,
+    /// `/readyz` answers 503 (not ready: the Service sends new connections elsewhere) while
+    /// the requests in flight are at least this fraction of `max_in_flight`; 1.0 = only at the
+    /// bound, where requests are already answered `busy`. In (0, 1].
+    pub ready_in_flight_fraction: f64,
 }
 
 impl Default for BatchingConfig {
@@ -94,7 +106,16 @@ impl Default for BatchingConfig {
             max_batch_size: 16,
             max_wait_us: 2_000,
             max_in_flight: 256,
+            ready_in_flight_fraction: 1.0,
         }
+    }
+}
+
+impl BatchingConfig {
+    /// In-flight requests from which `/readyz` says not ready: at least 1, at most the bound.
+    pub fn not_ready_at(&self) -> usize {
+        ((self.max_in_flight as f64 * self.ready_in_flight_fraction).ceil() as usize)
+            .clamp(1, self.max_in_flight)
     }
 }
 
@@ -147,9 +168,20 @@ impl Default for LimitsConfig {
 
 impl WorkerConfig {
     pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let config = Self::parse_file(path)?;
+        config
+            .validate()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(config)
+    }
+
+    /// The file parsed but not yet validated: for a caller that overrides keys from its
+    /// command line first (`--quic-lb-server-id` completing a `[quic_lb]` table), then calls
+    /// [`Self::validate`].
+    pub fn parse_file(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-        Self::from_toml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
 
     pub fn from_toml(text: &str) -> anyhow::Result<Self> {
@@ -213,6 +245,14 @@ impl WorkerConfig {
             ),
         ])
         .map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            b.ready_in_flight_fraction > 0.0 && b.ready_in_flight_fraction <= 1.0,
+            "batching.ready_in_flight_fraction must be in (0, 1], got {}",
+            b.ready_in_flight_fraction
+        );
+        if let Some(quic_lb) = &self.quic_lb {
+            quic_lb.generator()?;
+        }
         anyhow::ensure!(
             l.receive_bytes_per_connection <= l.receive_bytes,
             "limits.receive_bytes_per_connection ({}) is larger than limits.receive_bytes ({})",
@@ -331,6 +371,92 @@ mod tests {
             let error = WorkerConfig::from_toml(toml).unwrap_err().to_string();
             assert!(error.contains(key), "{toml:?}: {error}");
         }
+    }
+
+    #[test]
+    fn quic_lb_and_readiness_keys_parse_and_bad_values_name_the_key() {
+        let config = WorkerConfig::from_toml(
+            "[batching]\nmax_in_flight = 10\nready_in_flight_fraction = 0.75\n\
+             [quic_lb]\nserver_id = \"10.0.0.7\"\nconfig_rotation = 2\n",
+        )
+        .unwrap();
+        assert_eq!(config.batching.not_ready_at(), 8);
+        let cids = config.quic_lb.unwrap().generator().unwrap();
+        assert_eq!(cids.server_id(), &[10, 0, 0, 7]);
+        assert_eq!((cids.config_rotation(), cids.len()), (2, 13));
+        assert_eq!(WorkerConfig::default().batching.not_ready_at(), 256);
+        for (toml, key) in [
+            (
+                "[batching]\nready_in_flight_fraction = 0.0\n",
+                "batching.ready_in_flight_fraction",
+            ),
+            (
+                "[batching]\nready_in_flight_fraction = 1.5\n",
+                "batching.ready_in_flight_fraction",
+            ),
+            ("[quic_lb]\nserver_id = \"0xabc\"\n", "quic_lb.server_id"),
+            (
+                "[quic_lb]\nserver_id = \"0x01\"\nnonce_len = 2\n",
+                "quic_lb.nonce_len",
+            ),
+            ("[quic_lb]\nconfig_rotation = 1\n", "quic_lb.server_id"),
+        ] {
+            let error = WorkerConfig::from_toml(toml).unwrap_err().to_string();
+            assert!(error.contains(key), "{toml:?}: {error}");
+        }
+    }
+
+    /// The Kubernetes manifests agree with the worker: the ConfigMap's file is a valid
+    /// configuration once the Deployment's `--quic-lb-server-id $(POD_IP)` completes it, the
+    /// probes ask the worker's routes, and the grace period outlasts the drain.
+    #[test]
+    fn the_kubernetes_manifests_fit_the_worker() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/kubernetes");
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+        let configmap = read("configmap.yaml");
+        let (_, block) = configmap.split_once("cloud-worker.toml: |\n").unwrap();
+        let text: Vec<&str> = block
+            .lines()
+            .take_while(|line| line.is_empty() || line.starts_with("    "))
+            .map(|line| line.strip_prefix("    ").unwrap_or(line))
+            .collect();
+        let mut config: WorkerConfig = toml::from_str(&text.join("\n")).unwrap();
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("--quic-lb-server-id"), "{error}");
+        config.quic_lb.as_mut().unwrap().server_id = "10.244.1.5".into();
+        config.validate().unwrap();
+        assert_eq!(config.listen.port(), 4433);
+        assert_eq!(config.metrics_listen.map(|a| a.port()), Some(9433));
+
+        let deployment = read("deployment.yaml");
+        for needle in [
+            "- --quic-lb-server-id\n            - $(POD_IP)",
+            "fieldPath: status.podIP",
+            "path: /readyz",
+            "path: /healthz",
+            "containerPort: 4433\n              protocol: UDP",
+            "containerPort: 9433\n              protocol: TCP",
+        ] {
+            assert!(
+                deployment.contains(needle),
+                "deployment.yaml lacks {needle:?}"
+            );
+        }
+        // The image's ENTRYPOINT already says `serve --config …`: args only append flags.
+        assert!(
+            !deployment.contains("- serve\n"),
+            "args repeat the ENTRYPOINT"
+        );
+        let grace: u64 = deployment
+            .split_once("terminationGracePeriodSeconds:")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        assert!(
+            grace * 1000 >= config.shutdown_timeout_ms + 10_000,
+            "grace {grace} s vs drain {} ms",
+            config.shutdown_timeout_ms
+        );
     }
 
     #[test]

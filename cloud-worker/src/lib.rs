@@ -8,7 +8,9 @@
 //! * [`config`] – the TOML configuration and its defaults.
 //! * [`server`] – connections, request streams, admission control, graceful shutdown.
 //! * [`compute`] – the compute thread and the batching policy.
-//! * [`metrics`] – Prometheus metrics and the `/metrics` + `/healthz` HTTP endpoint.
+//! * [`metrics`] – Prometheus metrics.
+//! * [`status`] – the HTTP endpoint (`/metrics`, `/healthz`, `/readyz`), bound before the
+//!   model loads.
 //! * [`certs`] – `gen-certs`: a development CA with server and client certificates.
 //! * [`cid`] – routable connection IDs (QUIC-LB plaintext): the server ID a QUIC-aware load
 //!   balancer routes by.
@@ -21,7 +23,9 @@ pub mod compute;
 pub mod config;
 pub mod metrics;
 pub mod server;
+pub mod status;
 
 pub use certs::{CertOptions, GeneratedCerts, gen_certs};
 pub use config::WorkerConfig;
 pub use server::Worker;
+pub use status::StatusEndpoint;

@@ -5,8 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use burn::prelude::Device;
 use clap::{Args, Parser, Subcommand};
-use cloud_worker::{CertOptions, Worker, WorkerConfig};
+use cloud_worker::{CertOptions, StatusEndpoint, Worker, WorkerConfig};
 use splitee_common::{BackendChoice, ModelDir};
 
 #[derive(Parser)]
@@ -46,7 +47,7 @@ struct ServeArgs {
     /// QUIC (UDP) listen address [default: 0.0.0.0:4433].
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// HTTP address of /metrics and /healthz [default: 127.0.0.1:9433].
+    /// HTTP address of /metrics, /healthz and /readyz [default: 127.0.0.1:9433].
     #[arg(long, conflicts_with = "no_metrics")]
     metrics_listen: Option<SocketAddr>,
     /// Serve no metrics endpoint.
@@ -78,6 +79,12 @@ struct ServeArgs {
     /// Longest accepted sequence [default: the model's position limit].
     #[arg(long)]
     max_seq_len: Option<usize>,
+    /// Put this server ID into every QUIC connection ID the worker issues (QUIC-LB plaintext,
+    /// README "Kubernetes"): hex bytes (`0x0a0b0c0d`) or an IPv4 address (`10.1.2.3` = 4
+    /// bytes; the Kubernetes manifest passes the pod's IP). Overrides `quic_lb.server_id`, and
+    /// enables `[quic_lb]` with its defaults when the file has no such table.
+    #[arg(long)]
+    quic_lb_server_id: Option<String>,
 }
 
 #[derive(Args)]
@@ -166,8 +173,10 @@ fn gen_certs(args: GenCertsArgs) -> anyhow::Result<()> {
 }
 
 fn config(args: &ServeArgs) -> anyhow::Result<WorkerConfig> {
+    // Validated below, once the flags are in (a `[quic_lb]` table may leave its server ID to
+    // `--quic-lb-server-id`).
     let mut config = match &args.config {
-        Some(path) => WorkerConfig::from_file(path)?,
+        Some(path) => WorkerConfig::parse_file(path)?,
         None => WorkerConfig::default(),
     };
     if let Some(model) = &args.model {
@@ -210,30 +219,76 @@ fn config(args: &ServeArgs) -> anyhow::Result<WorkerConfig> {
     if let Some(len) = args.max_seq_len {
         config.limits.max_seq_len = Some(len);
     }
-    config.validate()?;
+    if let Some(server_id) = &args.quic_lb_server_id {
+        config
+            .quic_lb
+            .get_or_insert_with(Default::default)
+            .server_id = server_id.clone();
+    }
+    match &args.config {
+        Some(path) => config
+            .validate()
+            .with_context(|| format!("{} with the command line's flags", path.display()))?,
+        None => config.validate()?,
+    }
     Ok(config)
 }
 
+/// Binds the HTTP endpoint first, so that `/healthz` answers and `/readyz` says `loading` while
+/// the model loads; then loads it and serves until a signal.
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = config(&args)?;
-    let device = config
-        .backend
-        .device()
-        .map_err(|e| anyhow::anyhow!("backend {}: {e}", config.backend))?;
-    let model = ModelDir::open(&config.model)
-        .and_then(|dir| dir.load(&device))
-        .with_context(|| format!("loading the model from {}", config.model.display()))?;
+    let device = pick_device(config.backend)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("splitee-io")
         .build()?
         .block_on(async move {
-            let worker = Worker::start(&config, model, device).await?;
             // A second signal ends the process at once (splitee_common::signals).
             let stop = tokio_util::sync::CancellationToken::new();
             splitee_common::signals::shutdown_on_signals(stop.clone())?;
+            let status = StatusEndpoint::bind(&config).await?;
+            if let Some(addr) = status.addr() {
+                tracing::info!(%addr, "HTTP endpoint up (/readyz: loading)");
+            }
+            let loading = tokio::task::spawn_blocking({
+                let (path, device) = (config.model.clone(), device.clone());
+                move || {
+                    ModelDir::open(&path)
+                        .and_then(|dir| dir.load(&device))
+                        .with_context(|| format!("loading the model from {}", path.display()))
+                }
+            });
+            let model = tokio::select! {
+                loaded = loading => loaded.context("the model-loading task failed")??,
+                () = stop.cancelled() => {
+                    tracing::info!("stopped while loading the model");
+                    return Ok(());
+                }
+            };
+            let worker = Worker::start_with_status(&config, model, device, status).await?;
             stop.cancelled().await;
             tracing::info!("finishing the admitted requests (a second signal stops at once)");
             worker.shutdown().await
         })
+}
+
+/// The one place the device is chosen. Unlike the edge agent, the worker never falls back: a
+/// worker asked for a GPU and running on the CPU would look healthy to its load balancer while
+/// answering many times slower than the fleet was sized for, so it refuses to start and says
+/// why (Kubernetes then shows the pod failing instead of quietly slow). A software rasterizer
+/// (lavapipe) counts as no GPU unless `SPLITEE_WGPU_ALLOW_SOFTWARE=1`.
+fn pick_device(backend: BackendChoice) -> anyhow::Result<Device> {
+    let device = backend.device_or_refuse().map_err(|why| {
+        anyhow::anyhow!(
+            "backend {backend}: {why}. The worker does not fall back to the CPU; choose \
+             `backend = \"flex\"` (or --backend flex) to serve on the CPU"
+        )
+    })?;
+    if backend == BackendChoice::Wgpu
+        && let Ok(adapter) = splitee_common::device::gpu_adapter()
+    {
+        tracing::info!(%adapter, "computing on the GPU");
+    }
+    Ok(device)
 }

@@ -32,7 +32,7 @@ use splitee_common::protocol::{
     ProtocolError, ReplyOptions, Response, Welcome, decode_header, decode_hello_body,
     decode_request_body, encode_error_for_version, encode_response, header_version,
 };
-use splitee_common::{http, transport};
+use splitee_common::transport;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +41,7 @@ use tokio_util::task::TaskTracker;
 use crate::compute::{self, BatchPolicy, ComputeHandle, Job};
 use crate::config::{LimitsConfig, WorkerConfig};
 use crate::metrics::Metrics;
+use crate::status::StatusEndpoint;
 
 /// QUIC stream error code sent with `STOP_SENDING` when the server answered before reading
 /// the whole request (busy, or a header it refused).
@@ -212,12 +213,26 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Loads TLS files, binds the QUIC endpoint (and the HTTP endpoint when configured),
-    /// starts the compute thread and starts serving. Must be called inside a tokio runtime.
+    /// Binds the HTTP endpoint when configured ([`StatusEndpoint::bind`]), then
+    /// [`Self::start_with_status`]. Must be called inside a tokio runtime.
     pub async fn start(
         config: &WorkerConfig,
         model: LoadedModel,
         device: Device,
+    ) -> anyhow::Result<Worker> {
+        config.validate()?;
+        let status = StatusEndpoint::bind(config).await?;
+        Self::start_with_status(config, model, device, status).await
+    }
+
+    /// Loads TLS files, binds the QUIC endpoint (issuing routable connection IDs when
+    /// `quic_lb` is set), starts the compute thread and starts serving; `status`, bound before
+    /// the model loaded, turns ready. Must be called inside a tokio runtime.
+    pub async fn start_with_status(
+        config: &WorkerConfig,
+        model: LoadedModel,
+        device: Device,
+        mut status: StatusEndpoint,
     ) -> anyhow::Result<Worker> {
         config.validate()?;
         let LoadedModel {
@@ -274,32 +289,29 @@ impl Worker {
                 idle_timeout: transport::IDLE_TIMEOUT,
             },
         )?;
-        let endpoint = transport::bind_endpoint(config.listen, Some(server_config))?;
+        let (endpoint_config, quic_lb) = match &config.quic_lb {
+            Some(quic_lb) => {
+                let cids = quic_lb.generator()?;
+                let described = format!(
+                    "server id 0x{}, config rotation {}, {}-byte connection ids",
+                    cids.server_id()
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<String>(),
+                    cids.config_rotation(),
+                    cids.len()
+                );
+                (cids.endpoint_config(), Some(described))
+            }
+            None => (quinn::EndpointConfig::default(), None),
+        };
+        let endpoint =
+            transport::bind_endpoint_with(config.listen, endpoint_config, Some(server_config))?;
         let local_addr = endpoint.local_addr().context("QUIC endpoint address")?;
 
-        let metrics = Arc::new(Metrics::new());
-        let shutting_down = CancellationToken::new();
-        let http_stop = CancellationToken::new();
-        let (metrics_addr, http) = match config.metrics_listen {
-            Some(addr) => {
-                let listener = http::bind(addr)
-                    .await
-                    .with_context(|| format!("binding the metrics endpoint {addr}"))?;
-                let addr = listener.local_addr()?;
-                let render = {
-                    let metrics = metrics.clone();
-                    Arc::new(move || metrics.encode())
-                };
-                let task = tokio::spawn(http::serve_metrics(
-                    listener,
-                    render,
-                    shutting_down.clone(),
-                    http_stop.clone(),
-                ));
-                (Some(addr), Some(task))
-            }
-            None => (None, None),
-        };
+        let metrics = status.status.metrics.clone();
+        let shutting_down = status.status.shutting_down.clone();
+        let metrics_addr = status.addr();
 
         let compute = compute::spawn(
             model,
@@ -333,9 +345,11 @@ impl Worker {
             cloud_exits: caps.cloud_exits,
             shutting_down: shutting_down.clone(),
         });
+        status.status.set_serving(fingerprint.short());
         tracing::info!(
             %local_addr,
             metrics = ?metrics_addr,
+            quic_lb = quic_lb.as_deref().unwrap_or("off"),
             model = %fingerprint.short(),
             layers = num_layers,
             max_seq_len,
@@ -349,7 +363,7 @@ impl Worker {
             shared,
             compute,
             config.shutdown_timeout(),
-            http.map(|task| (task, http_stop)),
+            status.take_task(),
         ));
         Ok(Worker {
             local_addr,

@@ -7,6 +7,8 @@
 //!
 //! * [`BackendChoice::device`] is strict: the backend asked for, or an error saying why this
 //!   build or this machine cannot provide it.
+//! * [`BackendChoice::device_or_refuse`] is as strict, and also refuses a software rasterizer
+//!   unless [`ALLOW_SOFTWARE_ADAPTER_ENV`] is `1`: the cloud worker's choice.
 //! * [`BackendChoice::device_with_fallback`] never fails: asked for `wgpu` where there is no
 //!   usable GPU adapter (no Vulkan driver, no adapter, device creation refused, or — unless
 //!   [`ALLOW_SOFTWARE_ADAPTER_ENV`] is `1` — only a software rasterizer such as Mesa's
@@ -96,9 +98,23 @@ impl BackendChoice {
     ///
     /// A software rasterizer counts as unusable unless [`ALLOW_SOFTWARE_ADAPTER_ENV`] is `1`.
     pub fn device_with_fallback(self) -> (Device, BackendChoice, Option<String>) {
-        let allow_software =
-            std::env::var(ALLOW_SOFTWARE_ADAPTER_ENV).is_ok_and(|value| value.trim() == "1");
-        self.device_with_fallback_policy(allow_software)
+        self.device_with_fallback_policy(software_adapter_allowed())
+    }
+
+    /// The device asked for, or why it is not usable here — never another one. Like
+    /// [`Self::device`], but a software rasterizer counts as no adapter unless
+    /// [`ALLOW_SOFTWARE_ADAPTER_ENV`] is `1`, as in [`Self::device_with_fallback`]. For
+    /// services that must not quietly run slower than they were sized for (the cloud worker).
+    pub fn device_or_refuse(self) -> Result<Device, String> {
+        self.device_or_refuse_policy(software_adapter_allowed())
+    }
+
+    /// [`Self::device_or_refuse`] with the software-rasterizer policy given explicitly.
+    pub fn device_or_refuse_policy(self, allow_software_adapter: bool) -> Result<Device, String> {
+        match self {
+            Self::Wgpu => usable_gpu_adapter(allow_software_adapter).map(|_| wgpu_device()),
+            cpu => cpu.device(),
+        }
     }
 
     /// [`Self::device_with_fallback`] with the software-rasterizer policy given explicitly
@@ -115,12 +131,8 @@ impl BackendChoice {
             )
         };
         match self {
-            Self::Wgpu => match gpu_adapter() {
-                Err(why) => fall_back(format!("wgpu unavailable: {why}")),
-                Ok(adapter) if adapter.software && !allow_software_adapter => fall_back(format!(
-                    "wgpu found only a software rasterizer, {adapter}, which is slower than the \
-                     CPU backends (set {ALLOW_SOFTWARE_ADAPTER_ENV}=1 to use it anyway)"
-                )),
+            Self::Wgpu => match usable_gpu_adapter(allow_software_adapter) {
+                Err(why) => fall_back(why),
                 Ok(_) => (wgpu_device(), Self::Wgpu, None),
             },
             cpu => match cpu.device() {
@@ -128,6 +140,23 @@ impl BackendChoice {
                 Err(why) => fall_back(why),
             },
         }
+    }
+}
+
+fn software_adapter_allowed() -> bool {
+    std::env::var(ALLOW_SOFTWARE_ADAPTER_ENV).is_ok_and(|value| value.trim() == "1")
+}
+
+/// [`gpu_adapter`], where a software rasterizer counts as none unless allowed; the error says
+/// why there is no usable adapter.
+fn usable_gpu_adapter(allow_software_adapter: bool) -> Result<GpuAdapter, String> {
+    match gpu_adapter() {
+        Err(why) => Err(format!("wgpu unavailable: {why}")),
+        Ok(adapter) if adapter.software && !allow_software_adapter => Err(format!(
+            "wgpu found only a software rasterizer, {adapter}, which is slower than the CPU \
+             backends (set {ALLOW_SOFTWARE_ADAPTER_ENV}=1 to use it anyway)"
+        )),
+        Ok(adapter) => Ok(adapter),
     }
 }
 
@@ -276,11 +305,41 @@ mod tests {
     #[test]
     fn a_software_adapter_is_refused_unless_allowed() {
         let (_, used, why) = BackendChoice::Wgpu.device_with_fallback_policy(false);
+        let refused = BackendChoice::Wgpu.device_or_refuse_policy(false);
         if gpu_adapter().is_ok_and(|adapter| adapter.software) {
             assert_eq!(used, BackendChoice::Flex);
             let why = why.unwrap();
             println!("fell back: {why}");
             assert!(why.contains(ALLOW_SOFTWARE_ADAPTER_ENV), "{why}");
+            let refused = refused.err().expect("a software adapter is refused");
+            assert!(refused.contains(ALLOW_SOFTWARE_ADAPTER_ENV), "{refused}");
+            assert!(!refused.contains("falling back"), "{refused}");
+            assert!(BackendChoice::Wgpu.device_or_refuse_policy(true).is_ok());
+        }
+    }
+
+    /// Refusing never substitutes another backend: the CPU ones are what they are, and wgpu is
+    /// either wgpu or an error saying why not.
+    #[test]
+    fn refusing_gives_the_backend_asked_for_or_why_not() {
+        for choice in [BackendChoice::Flex, BackendChoice::Ndarray] {
+            assert!(choice.device_or_refuse_policy(false).is_ok());
+        }
+        match (
+            gpu_adapter(),
+            BackendChoice::Wgpu.device_or_refuse_policy(true),
+        ) {
+            (Ok(_), Ok(_)) => {}
+            (Err(reason), Err(why)) => {
+                assert!(
+                    why.contains(&reason) && why.contains("wgpu unavailable"),
+                    "{why}"
+                )
+            }
+            (adapter, device) => panic!(
+                "probe {adapter:?} and refusal {:?} disagree",
+                device.map(|_| "a device")
+            ),
         }
     }
 

@@ -1,6 +1,8 @@
 //! The small HTTP endpoint both binaries serve: `/metrics` (OpenMetrics text, which Prometheus
 //! scrapes natively) and `/healthz` (200 `ok` while serving, 503 `shutting down` once a
-//! graceful shutdown began, so a load balancer or supervisor stops sending work first).
+//! graceful shutdown began, so a load balancer or supervisor stops sending work first), and,
+//! for a server that says when it should get work, `/readyz` ([`readiness_route`]: 200 or 503
+//! with a small JSON body).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +39,39 @@ pub fn routes(render: RenderMetrics, shutting_down: CancellationToken) -> Router
         })
 }
 
+/// What `/readyz` answers: 200 when `ready`, else 503; `body` is sent as JSON either way.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Readiness {
+    pub ready: bool,
+    pub body: serde_json::Value,
+}
+
+/// Tells the current [`Readiness`]; called on every `/readyz` request, so it must be cheap.
+pub type CheckReadiness = Arc<dyn Fn() -> Readiness + Send + Sync>;
+
+/// The `/readyz` route, to merge beside [`routes`].
+pub fn readiness_route(check: CheckReadiness) -> Router {
+    Router::new().route(
+        "/readyz",
+        get(move || {
+            let check = check.clone();
+            async move {
+                let readiness = check();
+                let status = if readiness.ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                (
+                    status,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    format!("{}\n", readiness.body),
+                )
+            }
+        }),
+    )
+}
+
 /// Serves `/metrics` and `/healthz` on `listener` until `stop` is cancelled.
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
@@ -44,7 +79,16 @@ pub async fn serve_metrics(
     shutting_down: CancellationToken,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, routes(render, shutting_down))
+    serve_router(listener, routes(render, shutting_down), stop).await
+}
+
+/// Serves `router` on `listener` until `stop` is cancelled.
+pub async fn serve_router(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await
 }

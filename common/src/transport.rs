@@ -289,6 +289,16 @@ pub fn bind_endpoint(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
 ) -> Result<Endpoint, TransportError> {
+    bind_endpoint_with(addr, quinn::EndpointConfig::default(), server)
+}
+
+/// [`bind_endpoint`] with an endpoint configuration of the caller's (the worker's routable
+/// connection IDs: `EndpointConfig::cid_generator`).
+pub fn bind_endpoint_with(
+    addr: SocketAddr,
+    endpoint_config: quinn::EndpointConfig,
+    server: Option<quinn::ServerConfig>,
+) -> Result<Endpoint, TransportError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let io = |error| TransportError::Socket { addr, error };
     let socket =
@@ -316,7 +326,7 @@ pub fn bind_endpoint(
     }
     socket.bind(&addr.into()).map_err(io)?;
     Endpoint::new(
-        quinn::EndpointConfig::default(),
+        endpoint_config,
         server,
         socket.into(),
         Arc::new(quinn::TokioRuntime),

@@ -4,10 +4,13 @@
 
 mod bad_input;
 mod caps;
+mod cli;
 mod deadline;
 mod encoding_accuracy;
 mod load;
 mod mtls;
+mod quic_lb;
+mod readiness;
 mod roundtrip;
 mod shutdown;
 mod signals;
