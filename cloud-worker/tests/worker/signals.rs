@@ -85,12 +85,13 @@ impl Process {
     }
 }
 
-/// `/healthz`'s status, or none while nothing listens.
+/// `/readyz`'s status (200 once the model is loaded and the QUIC endpoint serves), or none
+/// while nothing listens.
 async fn http_get_status(addr: std::net::SocketAddr) -> Option<u16> {
     if std::net::TcpStream::connect(addr).is_err() {
         return None;
     }
-    Some(http_get(addr, "/healthz").await.0)
+    Some(http_get(addr, "/readyz").await.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
