@@ -3,6 +3,7 @@
 //! binary (modules below) because each binary links all of burn.
 
 mod attack;
+mod fleet;
 mod overload;
 mod sigterm;
 
