@@ -55,7 +55,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::cloud::{CloudAnswer, CloudLink, OffloadFailure};
+use crate::cloud::{CloudAnswer, CloudLink, Unanswered};
 use crate::config::AgentConfig;
 use crate::edge::{EdgeModel, EdgePass, EdgeRuntime, ExitReading, LocalFinish};
 use crate::input::InputRecord;
@@ -76,7 +76,7 @@ struct Pending {
 
 /// What an offload task reports.
 struct OffloadDone {
-    result: Result<CloudAnswer, OffloadFailure>,
+    result: Result<CloudAnswer, Unanswered>,
     /// When the answer (or the failure) was known.
     at: Instant,
     sent: Instant,
@@ -184,21 +184,15 @@ impl Agent {
             pass,
         })?;
         let cloud = match &config.cloud {
-            Some(cloud) => {
-                let gauge = metrics.cloud_connected.clone();
-                let on_change = Box::new(move |up: bool| {
-                    gauge.set(i64::from(up));
-                });
-                Some(
-                    CloudLink::start(
-                        cloud.clone(),
-                        loaded.fingerprint.0,
-                        config.pipeline.window,
-                        on_change,
-                    )
-                    .await?,
+            Some(cloud) => Some(
+                CloudLink::start(
+                    cloud.clone(),
+                    loaded.fingerprint.0,
+                    config.pipeline.window,
+                    metrics.clone(),
                 )
-            }
+                .await?,
+            ),
             None => None,
         };
         Ok(Self {
@@ -237,6 +231,13 @@ impl Agent {
 
     pub fn cloud_connected(&self) -> bool {
         self.cloud.as_ref().is_some_and(|c| c.is_connected())
+    }
+
+    /// The cloud's worker endpoints (host names resolved), and whether each is connected now.
+    pub fn cloud_endpoints(&self) -> Vec<(std::net::SocketAddr, bool)> {
+        self.cloud
+            .as_ref()
+            .map_or_else(Vec::new, |c| c.endpoint_states())
     }
 
     /// Answers every sample from `inputs` until it closes (or `stop` is cancelled: samples
@@ -485,22 +486,24 @@ impl Agent {
                     cloud: cloud.cloud_ms(),
                     fallback: 0.0,
                 };
-                (
-                    answer(
-                        &input,
-                        &exit,
-                        Answered::Cloud,
-                        arm,
-                        &pass,
-                        latency,
-                        cloud.bytes_sent,
-                        settled,
-                        None,
-                    ),
+                let mut record = answer(
+                    &input,
+                    &exit,
+                    Answered::Cloud,
+                    arm,
+                    &pass,
+                    latency,
+                    cloud.bytes_sent,
+                    settled,
                     None,
-                )
+                );
+                record.worker = Some(cloud.endpoint);
+                (record, None)
             }
-            Err(failure) => {
+            Err(Unanswered {
+                failure,
+                attempts_sent,
+            }) => {
                 let local = if past(input.deadline) {
                     // The answer is due: the split's exit, already computed, answers.
                     LocalFinish {
@@ -542,11 +545,8 @@ impl Agent {
                     }
                 };
                 let waited_ms = ms(done.at - done.sent);
-                let bytes_sent = if failure.sent() {
-                    self.encoding.payload_len(pass.tokens, self.hidden_size) as u64
-                } else {
-                    0
-                };
+                let bytes_sent = self.encoding.payload_len(pass.tokens, self.hidden_size) as u64
+                    * u64::from(attempts_sent);
                 let outcome = Reported::Failed(OffloadFailed {
                     after: split,
                     waited_ms,
@@ -675,6 +675,7 @@ fn answer(
         reward: settlement.map(|(s, _)| s.reward),
         learned: settlement.map(|(_, learned)| learned),
         observed: Some(settled.log),
+        worker: None,
         error,
     }
 }

@@ -66,8 +66,11 @@ fn default_save_every() -> u64 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CloudConfig {
-    /// UDP address of the worker (or of a link emulator in front of it).
-    pub address: SocketAddr,
+    /// The worker endpoints: one `ip:port` or `host:port`, or a list of them (a host name is
+    /// resolved once, when the agent starts, and every address it resolves to is an endpoint).
+    /// Each offload goes to a connected endpoint with the fewest offloads in flight; one that
+    /// fails, is busy or is shutting down is left for another (see `cloud.rs`).
+    pub address: Addresses,
     /// Name in the worker's certificate (`localhost` for `cloud-worker gen-certs`).
     #[serde(default = "default_server_name")]
     pub server_name: String,
@@ -98,6 +101,120 @@ pub struct CloudConfig {
     /// own stream: the connection, and what else is in flight on it, goes on.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout_ms: u64,
+    /// With several endpoints: a request that hears nothing at all from its worker this long
+    /// (keep-alives then go out at a third of it, so a live worker is heard from meanwhile)
+    /// ends that connection, and the request moves to another endpoint. With one endpoint
+    /// this is not used (a request then waits for its timeout, as before).
+    #[serde(default = "default_failover_silence")]
+    pub failover_silence_ms: u64,
+    /// With several endpoints: how long an endpoint that answered `busy` is passed over while
+    /// another one is connected.
+    #[serde(default = "default_busy_cooldown")]
+    pub busy_cooldown_ms: u64,
+}
+
+/// Most endpoints one agent may name (each holds a connection and a UDP socket).
+pub const MAX_ENDPOINTS: usize = 64;
+
+/// One worker endpoint as the config names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum WorkerAddress {
+    Socket(SocketAddr),
+    /// Resolved when the agent starts.
+    Name {
+        host: String,
+        port: u16,
+    },
+}
+
+impl std::str::FromStr for WorkerAddress {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        if let Ok(socket) = text.parse::<SocketAddr>() {
+            return Ok(Self::Socket(socket));
+        }
+        let bad = |why: &str| {
+            format!("cloud.address {text:?}: {why} (expected ip:port, [ipv6]:port or host:port)")
+        };
+        let (host, port) = text.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| bad("the port is not a number from 1 to 65535"))?;
+        if port == 0 {
+            return Err(bad("port 0"));
+        }
+        let name_char = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_';
+        if host.is_empty() || host.len() > 253 || !host.chars().all(name_char) {
+            return Err(bad("not a host name"));
+        }
+        Ok(Self::Name {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for WorkerAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Socket(socket) => write!(f, "{socket}"),
+            Self::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+/// `cloud.address`: a string (one endpoint) or a list of strings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Addresses(pub Vec<WorkerAddress>);
+
+impl From<SocketAddr> for Addresses {
+    fn from(socket: SocketAddr) -> Self {
+        Self(vec![WorkerAddress::Socket(socket)])
+    }
+}
+
+impl std::fmt::Display for Addresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, address) in self.0.iter().enumerate() {
+            write!(f, "{}{address}", if i == 0 { "" } else { ", " })?;
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for Addresses {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => serializer.collect_str(one),
+            many => serializer.collect_seq(many.iter().map(ToString::to_string)),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Addresses {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Addresses;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an address (\"ip:port\" or \"host:port\") or a list of them")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Addresses, E> {
+                text.parse().map(|a| Addresses(vec![a])).map_err(E::custom)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Addresses, A::Error> {
+                let mut addresses = Vec::new();
+                while let Some(text) = seq.next_element::<String>()? {
+                    addresses.push(text.parse().map_err(serde::de::Error::custom)?);
+                }
+                Ok(Addresses(addresses))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 fn default_server_name() -> String {
@@ -121,6 +238,12 @@ fn default_backoff_max() -> u64 {
 fn default_idle_timeout() -> u64 {
     10_000
 }
+fn default_failover_silence() -> u64 {
+    1_000
+}
+fn default_busy_cooldown() -> u64 {
+    250
+}
 
 impl CloudConfig {
     pub fn request_timeout(&self) -> Duration {
@@ -131,6 +254,12 @@ impl CloudConfig {
     }
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
+    }
+    pub fn failover_silence(&self) -> Duration {
+        Duration::from_millis(self.failover_silence_ms)
+    }
+    pub fn busy_cooldown(&self) -> Duration {
+        Duration::from_millis(self.busy_cooldown_ms)
     }
 }
 
@@ -322,6 +451,17 @@ impl AgentConfig {
                     cloud.idle_timeout_ms,
                     100..=HOUR_MS,
                 ),
+                // Below a few round trips a live worker would look dead.
+                (
+                    "cloud.failover_silence_ms",
+                    cloud.failover_silence_ms,
+                    100..=HOUR_MS,
+                ),
+                (
+                    "cloud.busy_cooldown_ms",
+                    cloud.busy_cooldown_ms,
+                    0..=HOUR_MS,
+                ),
             ]);
         }
         splitee_common::settings::check_ranges(&ranges).map_err(anyhow::Error::msg)?;
@@ -329,6 +469,17 @@ impl AgentConfig {
         self.exits.validate().map_err(anyhow::Error::msg)?;
         self.reward.validate(self.device.as_ref())?;
         if let Some(cloud) = &self.cloud {
+            let endpoints = cloud.address.0.len();
+            anyhow::ensure!(
+                (1..=MAX_ENDPOINTS).contains(&endpoints),
+                "cloud.address names {endpoints} endpoints: name from 1 to {MAX_ENDPOINTS}"
+            );
+            for (i, address) in cloud.address.0.iter().enumerate() {
+                anyhow::ensure!(
+                    !cloud.address.0[..i].contains(address),
+                    "cloud.address names {address} twice"
+                );
+            }
             anyhow::ensure!(
                 cloud.client_cert.is_some() == cloud.client_key.is_some(),
                 "cloud.client_cert and cloud.client_key go together (mutual TLS)"
@@ -399,6 +550,46 @@ mod tests {
             "{MINIMAL}[cloud]\naddress = \"127.0.0.1:4433\"\nca = \"ca.pem\"\ntimeouts_before_reconnect = 2\n"
         ));
         assert!(format!("{:#}", gone.unwrap_err()).contains("timeouts_before_reconnect"));
+        for (address, error) in [
+            ("[]", "names 0 endpoints"),
+            ("\"worker\"", "\"worker\": no port"),
+            ("\"worker:99999\"", "the port is not a number"),
+            ("\"wor ker:4433\"", "not a host name"),
+            ("\"::1:4433\"", "not a host name"),
+            (
+                "[\"127.0.0.1:1\", \"127.0.0.1:1\"]",
+                "names 127.0.0.1:1 twice",
+            ),
+            ("4433", "an address"),
+        ] {
+            let result = AgentConfig::from_toml(&format!(
+                "{MINIMAL}[cloud]\naddress = {address}\nca = \"ca.pem\"\n"
+            ));
+            let message = format!("{:#}", result.unwrap_err());
+            assert!(message.contains(error), "{address}: {message}");
+        }
+        let fleet = AgentConfig::from_toml(&format!(
+            "{MINIMAL}[cloud]\naddress = [\"127.0.0.1:4433\", \"[::1]:4434\", \"workers.example:4433\"]\n\
+             ca = \"ca.pem\"\n"
+        ))
+        .unwrap();
+        let cloud = fleet.cloud.unwrap();
+        assert_eq!(
+            cloud.address.0,
+            vec![
+                WorkerAddress::Socket("127.0.0.1:4433".parse().unwrap()),
+                WorkerAddress::Socket("[::1]:4434".parse().unwrap()),
+                WorkerAddress::Name {
+                    host: "workers.example".into(),
+                    port: 4433
+                },
+            ]
+        );
+        assert_eq!(
+            cloud.address.to_string(),
+            "127.0.0.1:4433, [::1]:4434, workers.example:4433"
+        );
+        assert_eq!(cloud.failover_silence_ms, 1_000);
         let no_arms = AgentConfig::from_toml("model = \"m\"\n");
         assert!(format!("{:#}", no_arms.unwrap_err()).contains("arms"));
         let profile =

@@ -109,7 +109,7 @@ struct Overrides {
     /// Overrides the config's backend.
     #[arg(long)]
     backend: Option<BackendChoice>,
-    /// Overrides the config's cloud address.
+    /// Replaces the config's cloud address (or list of them) with this one endpoint.
     #[arg(long)]
     cloud: Option<SocketAddr>,
     /// Overrides the config's model directory.
@@ -148,7 +148,7 @@ impl Overrides {
         let cloud_flags = self.cloud.is_some() || self.ca.is_some() || self.client_cert.is_some();
         if let (true, Some(cloud)) = (cloud_flags, config.cloud.as_mut()) {
             if let Some(address) = self.cloud {
-                cloud.address = address;
+                cloud.address = address.into();
             }
             if let Some(ca) = &self.ca {
                 cloud.ca = ca.clone();

@@ -8,8 +8,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use tokio::task::JoinHandle;
@@ -30,6 +31,17 @@ struct ReasonLabel {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ArmLabel {
     arm: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabel {
+    endpoint: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointResultLabel {
+    endpoint: String,
+    result: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -78,8 +90,13 @@ pub struct Metrics {
     edge: Histogram,
     network: Histogram,
     bytes_sent: Counter,
-    /// 1 while a connection to the cloud worker is up.
+    /// 1 while a connection to some cloud worker is up.
     pub cloud_connected: Gauge,
+    endpoint_up: Family<EndpointLabel, Gauge>,
+    endpoint_offloads: Family<EndpointResultLabel, Counter>,
+    offloads_moved: Counter,
+    /// Each endpoint's state, behind `cloud_connected`.
+    endpoints: Mutex<BTreeMap<SocketAddr, bool>>,
     /// Offloads waiting for the cloud.
     pub in_flight: Gauge,
 }
@@ -103,6 +120,10 @@ impl Metrics {
             network: seconds(),
             bytes_sent: Counter::default(),
             cloud_connected: Gauge::default(),
+            endpoint_up: Family::default(),
+            endpoint_offloads: Family::default(),
+            offloads_moved: Counter::default(),
+            endpoints: Mutex::default(),
             in_flight: Gauge::default(),
             registry: Registry::default(),
         };
@@ -147,8 +168,23 @@ impl Metrics {
         );
         registry.register(
             "cloud_connected",
-            "1 while connected to the cloud worker",
+            "1 while connected to at least one cloud worker",
             metrics.cloud_connected.clone(),
+        );
+        registry.register(
+            "cloud_endpoint_up",
+            "1 while connected to this worker endpoint",
+            metrics.endpoint_up.clone(),
+        );
+        registry.register(
+            "cloud_endpoint_offloads",
+            "Offload attempts sent to each worker endpoint, by result (answered, or the failure)",
+            metrics.endpoint_offloads.clone(),
+        );
+        registry.register(
+            "cloud_offloads_moved",
+            "Offload attempts on another endpoint after one failed, was busy or shutting down",
+            metrics.offloads_moved.clone(),
         );
         registry.register(
             "offloads_in_flight",
@@ -159,6 +195,39 @@ impl Metrics {
             registry,
             ..metrics
         }
+    }
+
+    /// A worker endpoint's connection came up or went down.
+    pub fn endpoint_up(&self, endpoint: SocketAddr, up: bool) {
+        let label = EndpointLabel {
+            endpoint: endpoint.to_string(),
+        };
+        self.endpoint_up.get_or_create(&label).set(i64::from(up));
+        let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        endpoints.insert(endpoint, up);
+        let any = endpoints.values().any(|&up| up);
+        self.cloud_connected.set(i64::from(any));
+    }
+
+    /// Each worker endpoint (by address) and whether it is connected.
+    pub fn endpoint_states(&self) -> Vec<(SocketAddr, bool)> {
+        let endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        endpoints.iter().map(|(&a, &up)| (a, up)).collect()
+    }
+
+    /// One offload attempt on `endpoint` ended: `"answered"` or the failure's kind.
+    pub fn endpoint_offload(&self, endpoint: SocketAddr, result: &'static str) {
+        self.endpoint_offloads
+            .get_or_create(&EndpointResultLabel {
+                endpoint: endpoint.to_string(),
+                result,
+            })
+            .inc();
+    }
+
+    /// An offload attempt on another endpoint after the previous one's failure.
+    pub fn offload_moved(&self) {
+        self.offloads_moved.inc();
     }
 
     pub fn record(&self, record: &SampleRecord, failure: Option<&'static str>) {

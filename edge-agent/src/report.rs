@@ -86,6 +86,9 @@ pub struct SampleRecord {
     /// order reproduces every reward and the bandit's state.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub observed: Option<SampleLog>,
+    /// The worker endpoint that answered (cloud answers only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<std::net::SocketAddr>,
     /// Why the sample failed, or why the cloud did not answer it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -112,6 +115,7 @@ impl SampleRecord {
             reward: None,
             learned: None,
             observed: None,
+            worker: None,
             error: Some(error),
         }
     }

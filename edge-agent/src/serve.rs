@@ -119,7 +119,7 @@ pub async fn serve(
     };
     let _ = api.ready.set(Ready {
         model: agent.fingerprint().short(),
-        cloud: config.cloud.as_ref().map(|cloud| cloud.address),
+        cloud: config.cloud.is_some(),
     });
     tracing::info!("ready");
 
@@ -188,7 +188,8 @@ impl Drop for SocketFile {
 /// What `/readyz` tells once the agent runs.
 struct Ready {
     model: String,
-    cloud: Option<SocketAddr>,
+    /// Whether there is a `[cloud]`.
+    cloud: bool,
 }
 
 struct Api {
@@ -404,6 +405,12 @@ impl Api {
         }
         #[derive(Serialize)]
         struct CloudReadiness {
+            /// Whether some endpoint is connected.
+            connected: bool,
+            endpoints: Vec<EndpointReadiness>,
+        }
+        #[derive(Serialize)]
+        struct EndpointReadiness {
             address: SocketAddr,
             connected: bool,
         }
@@ -419,9 +426,14 @@ impl Api {
             ready: reason.is_none(),
             reason,
             model: ready.map(|r| r.model.as_str()),
-            cloud: ready.and_then(|r| r.cloud).map(|address| CloudReadiness {
-                address,
+            cloud: ready.filter(|r| r.cloud).map(|_| CloudReadiness {
                 connected: self.metrics.cloud_connected.get() == 1,
+                endpoints: self
+                    .metrics
+                    .endpoint_states()
+                    .into_iter()
+                    .map(|(address, connected)| EndpointReadiness { address, connected })
+                    .collect(),
             }),
             queued_texts: self.limits.max_queued_texts - self.queue.available_permits(),
         };

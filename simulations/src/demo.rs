@@ -180,7 +180,7 @@ pub async fn run_over_link(
         .cloud
         .as_mut()
         .context("the agent needs a [cloud] to run through a link")?;
-    cloud.address = link.local_addr();
+    cloud.address = link.local_addr().into();
     let mut agent = Agent::start(&config, device, Arc::new(Metrics::new()), true).await?;
 
     let samples = inputs.len();

@@ -4,6 +4,7 @@
 
 mod attack;
 mod connect;
+mod fleet;
 mod overload;
 mod sigterm;
 

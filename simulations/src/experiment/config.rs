@@ -95,7 +95,7 @@ const LIVE_ONLY: [&str; 7] = [
     "metrics_listen",
     "input",
 ];
-const LIVE_ONLY_CLOUD: [&str; 9] = [
+const LIVE_ONLY_CLOUD: [&str; 11] = [
     "address",
     "server_name",
     "ca",
@@ -105,6 +105,9 @@ const LIVE_ONLY_CLOUD: [&str; 9] = [
     "backoff_initial_ms",
     "backoff_max_ms",
     "idle_timeout_ms",
+    // Failover between worker endpoints: the simulator models one link to one cloud.
+    "failover_silence_ms",
+    "busy_cooldown_ms",
 ];
 
 /// `[pipeline]`, as the agent reads it.
