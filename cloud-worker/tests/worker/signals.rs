@@ -61,6 +61,19 @@ impl Process {
         Self { child, listen }
     }
 
+    /// Sends `request` on a new connection; its answer comes from the returned task.
+    async fn send(
+        &self,
+        endpoint: &Endpoint,
+        request: &OffloadRequest,
+    ) -> tokio::task::JoinHandle<Result<Response, transport::TransportError>> {
+        let connection = transport::connect(endpoint, self.listen, "localhost")
+            .await
+            .unwrap();
+        let request = request.clone();
+        tokio::spawn(async move { transport::offload(&connection, &request, TIMEOUT).await })
+    }
+
     fn signal(&self) {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
@@ -112,13 +125,7 @@ async fn sigterm_drains_and_exits_0_and_a_second_signal_stops_at_once() {
 
     // One signal: the request waiting 800 ms in the batcher is answered, then exit 0.
     let process = Process::start(&harness.certs, 800).await;
-    let connection = transport::connect(&endpoint, process.listen, "localhost")
-        .await
-        .unwrap();
-    let in_flight = {
-        let (connection, request) = (connection.clone(), request.clone());
-        tokio::spawn(async move { transport::offload(&connection, &request, TIMEOUT).await })
-    };
+    let in_flight = process.send(&endpoint, &request).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     process.signal();
     assert!(
@@ -130,13 +137,7 @@ async fn sigterm_drains_and_exits_0_and_a_second_signal_stops_at_once() {
     // Two: the drain (a request waiting a second, the longest batching wait, for its batch)
     // is cut short at once.
     let process = Process::start(&harness.certs, 1_000).await;
-    let connection = transport::connect(&endpoint, process.listen, "localhost")
-        .await
-        .unwrap();
-    let _in_flight = {
-        let (connection, request) = (connection.clone(), request.clone());
-        tokio::spawn(async move { transport::offload(&connection, &request, TIMEOUT).await })
-    };
+    let _in_flight = process.send(&endpoint, &request).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     process.signal();
     tokio::time::sleep(Duration::from_millis(200)).await;
