@@ -11,10 +11,11 @@
 //! Each request carries a deadline a little shorter than the agent's wait, so that the worker
 //! drops what it could not answer in time rather than compute it for nobody. A request that
 //! times out resets its own stream and is finished on the device; the connection and everything
-//! else in flight on it go on. A dead path is found two ways: a request that heard not one
+//! else in flight on it go on. A dead path is found three ways: a request that heard not one
 //! datagram from the worker during its whole wait (not even the ACK of its own bytes) ends the
-//! connection at once, and QUIC's idle timeout (keep-alives at a third of
-//! `cloud.idle_timeout_ms`) closes one that hears nothing for that long.
+//! connection at once; with several endpoints, a request that heard nothing for
+//! `cloud.failover_silence_ms` does so sooner (below); and QUIC's idle timeout (keep-alives at
+//! a third of `cloud.idle_timeout_ms`) closes one that hears nothing for that long.
 //!
 //! The agent never waits for the cloud to come back: while the link is down, an offload fails
 //! at once ([`OffloadFailure::Unreachable`]) and the sample is finished on the device, and a
@@ -286,12 +287,15 @@ impl CloudLink {
         }
         let cut_by_deadline = left.is_some_and(|left| left < timeout);
         let end = started + left.map_or(timeout, |left| left.min(timeout));
-        let mut tried = Vec::with_capacity(self.links.len());
+        // Endpoints tried, one bit each (the addresses, resolved, are at most `MAX_ENDPOINTS`):
+        // no allocation per offload.
+        const _: () = assert!(crate::config::MAX_ENDPOINTS <= u64::BITS as usize);
+        let mut tried = 0u64;
         let (mut attempts_sent, mut last) = (0u32, None);
         loop {
-            let link = match self.pick(&tried) {
+            let link = match self.pick(tried) {
                 Ok((index, link)) => {
-                    tried.push(index);
+                    tried |= 1 << index;
                     link
                 }
                 Err(reason) => {
@@ -299,7 +303,7 @@ impl CloudLink {
                     return Err(unanswered(failure, attempts_sent));
                 }
             };
-            if tried.len() > 1 {
+            if tried.count_ones() > 1 {
                 self.metrics.offload_moved();
             }
             let outcome = link.offload(&mut request, end, cut_by_deadline).await;
@@ -331,7 +335,7 @@ impl CloudLink {
     /// offloads in flight, ties broken round-robin, one in its busy cooldown only when no other
     /// is connected. Down endpoints whose backoff is over start reconnecting. Without any, the
     /// reason (each endpoint's with several).
-    fn pick(&self, tried: &[usize]) -> Result<(usize, Arc<WorkerLink>), String> {
+    fn pick(&self, tried: u64) -> Result<(usize, Arc<WorkerLink>), String> {
         let now = Instant::now();
         let count = self.links.len();
         let first = self.next.fetch_add(1, Ordering::Relaxed) % count;
@@ -339,7 +343,7 @@ impl CloudLink {
         let mut reasons = Vec::new();
         for index in (0..count).map(|k| (first + k) % count) {
             let link = &self.links[index];
-            if tried.contains(&index) {
+            if tried & (1 << index) != 0 {
                 continue;
             }
             match link.usable() {
@@ -519,8 +523,7 @@ impl WorkerLink {
                         "nothing heard from the worker for {} ms with a request in flight",
                         silence.as_millis()
                     );
-                    connection.close(0u32.into(), b"nothing heard");
-                    self.lost(&connection, reason.clone());
+                    self.abandon(&connection, reason.clone());
                     return Err(OffloadFailure::ConnectionLost(reason));
                 }
             },
@@ -570,8 +573,7 @@ impl WorkerLink {
             }
             Err(TransportError::TimedOut(_)) => {
                 if connection.stats().udp_rx.datagrams == heard_before {
-                    connection.close(0u32.into(), b"nothing heard");
-                    self.lost(
+                    self.abandon(
                         &connection,
                         format!("nothing heard from the worker for {} ms", wait.as_millis()),
                     );
@@ -763,6 +765,13 @@ impl WorkerLink {
     }
 
     /// The connection `used` failed: the worker went away or the link broke.
+    /// The path to the worker is dead (nothing heard): close the connection, so that its
+    /// other requests fail now rather than at their timeouts, and mark the endpoint down.
+    fn abandon(&self, connection: &Connection, reason: String) {
+        connection.close(0u32.into(), b"nothing heard");
+        self.lost(connection, reason);
+    }
+
     fn lost(&self, used: &Connection, reason: String) {
         let mut state = self.lock();
         if let LinkState::Connected { connection, .. } = &*state
