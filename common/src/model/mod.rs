@@ -11,12 +11,13 @@
 
 mod bert;
 mod exits;
+mod gelu;
 
 use std::ops::Range;
 
 use burn::prelude::*;
 
-pub use bert::{Bert, Embeddings, EncoderLayer};
+pub use bert::{Bert, Embeddings, EncoderLayer, Heads};
 pub use exits::{ExitHead, ExitHeads, pool};
 
 use crate::config::{BertConfig, ExitConfig};
