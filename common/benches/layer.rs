@@ -133,8 +133,20 @@ fn median(mut times: Vec<Duration>) -> Duration {
     times[times.len() / 2]
 }
 
+/// What a profile row times.
+#[derive(Clone, Copy, PartialEq)]
+enum Part {
+    /// A step of the layer's forward pass: the steps sum to (about) the whole layer.
+    Step,
+    /// What a step replaced, timed beside it for comparison.
+    Replaced,
+    /// A bare matrix product of the layer's shapes.
+    Gemm,
+}
+
 /// One row of the profile: an operation and its median time at each sequence length.
 struct ProfileRow {
+    part: Part,
     operation: &'static str,
     times: Vec<Duration>,
 }
@@ -145,7 +157,7 @@ fn print_profile(name: &str, model: &MultiExitBert, device: &Device) {
     for seq in SEQUENCE_LENGTHS {
         let (x, bias) = layer_inputs(model, device, 1, seq);
         let layer = &model.bert.layers[0];
-        let mut rounds: Vec<Vec<(&'static str, Duration)>> = Vec::new();
+        let mut rounds: Vec<Vec<(Part, &'static str, Duration)>> = Vec::new();
         let mut whole_rounds = Vec::new();
         for _ in 0..PROFILE_ROUNDS {
             rounds.push(profile_layer(layer, x.clone(), bias.as_ref()));
@@ -157,11 +169,12 @@ fn print_profile(name: &str, model: &MultiExitBert, device: &Device) {
         }
         whole.push(median(whole_rounds));
         for index in 0..rounds[0].len() {
-            let time = median(rounds.iter().map(|round| round[index].1).collect());
+            let time = median(rounds.iter().map(|round| round[index].2).collect());
             match rows.get_mut(index) {
                 Some(row) => row.times.push(time),
                 None => rows.push(ProfileRow {
-                    operation: rounds[0][index].0,
+                    part: rounds[0][index].0,
+                    operation: rounds[0][index].1,
                     times: vec![time],
                 }),
             }
@@ -198,37 +211,33 @@ fn print_profile(name: &str, model: &MultiExitBert, device: &Device) {
     for row in &rows {
         print_row(row.operation, &row.times);
     }
-    let parts = |filter: &dyn Fn(&str) -> bool| -> Vec<Duration> {
+    let total = |part: Part| -> Vec<Duration> {
         (0..SEQUENCE_LENGTHS.len())
             .map(|i| {
                 rows.iter()
-                    .filter(|row| filter(row.operation))
+                    .filter(|row| row.part == part)
                     .map(|row| row.times[i])
                     .sum()
             })
             .collect()
     };
-    print_row(
-        "sum of the operations",
-        &parts(&|operation| !operation.starts_with("GEMM") && !operation.starts_with("(")),
-    );
+    print_row("sum of the operations", &total(Part::Step));
     print_row("whole layer", &whole);
     let outside: Vec<Duration> = whole
         .iter()
-        .zip(parts(&|operation| operation.starts_with("GEMM")))
+        .zip(total(Part::Gemm))
         .map(|(&layer, gemm)| layer.saturating_sub(gemm))
         .collect();
     print_row("outside the bare GEMMs (layer − GEMM rows)", &outside);
 }
 
 /// Median time of each step of `layer` on its real inputs, in forward order, then the bare
-/// matrix products of the same shapes (rows named "GEMM …"). Rows in parentheses are what a
-/// step replaced, timed for comparison and left out of the sum.
+/// matrix products of the same shapes.
 fn profile_layer(
     layer: &EncoderLayer,
     x: Tensor<3>,
     bias: Option<&Tensor<4>>,
-) -> Vec<(&'static str, Duration)> {
+) -> Vec<(Part, &'static str, Duration)> {
     let time = |run: &dyn Fn()| median_of(PROFILE_BUDGET, run);
     let self_attention = &layer.attention.self_attention;
     let heads = self_attention.project(x.clone());
@@ -257,18 +266,22 @@ fn profile_layer(
     let probs = Tensor::<4>::ones([batch, num_heads, seq, seq], &x.device()) / seq as f32;
     vec![
         (
+            Part::Step,
             "Q, K, V projections + head split",
             time(&|| drop(self_attention.project(x.clone()))),
         ),
         (
+            Part::Step,
             "attention (scores, softmax, context, merge)",
             time(&|| drop(self_attention.attend(heads.clone(), None, bias))),
         ),
         (
+            Part::Step,
             "attention output projection",
             time(&|| drop(attention_out.dense.forward(context.clone()))),
         ),
         (
+            Part::Step,
             "residual + LayerNorm",
             time(&|| {
                 drop(
@@ -279,22 +292,27 @@ fn profile_layer(
             }),
         ),
         (
+            Part::Step,
             "FFN up projection + bias + GELU",
             time(&|| drop(layer.expand(attended.clone()))),
         ),
         (
+            Part::Replaced,
             "(burn's way: FFN up projection, bias…",
             time(&|| drop(layer.intermediate.dense.forward(attended.clone()))),
         ),
         (
+            Part::Replaced,
             "(… then burn's GELU)",
             time(&|| drop(burn::tensor::activation::gelu(up.clone()))),
         ),
         (
+            Part::Step,
             "FFN down projection",
             time(&|| drop(layer.output.dense.forward(inner.clone()))),
         ),
         (
+            Part::Step,
             "residual + LayerNorm",
             time(&|| {
                 drop(
@@ -306,6 +324,7 @@ fn profile_layer(
             }),
         ),
         (
+            Part::Gemm,
             "GEMM: Q, K, V, output (x·W, no bias)",
             time(&|| {
                 for (input, weight) in &projections {
@@ -314,6 +333,7 @@ fn profile_layer(
             }),
         ),
         (
+            Part::Gemm,
             "GEMM: FFN up and down (x·W, no bias)",
             time(&|| {
                 drop(rows(&attended).matmul(weight(&layer.intermediate.dense)));
@@ -321,6 +341,7 @@ fn profile_layer(
             }),
         ),
         (
+            Part::Gemm,
             "GEMM: q·kᵀ and p·v, all heads batched",
             time(&|| {
                 drop(heads.query.clone().matmul(key_t.clone()));

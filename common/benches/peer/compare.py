@@ -184,17 +184,17 @@ def median_ms(run):
     return statistics.median(samples) * 1e3
 
 
-def check_built_graph(exported, workdir):
+def check_built_graph(exported, model, workdir):
     """The built MiniLM graph computes what the exported model's layer 0 computes."""
     cut = workdir / "embeddings_and_layer0.onnx"
     onnx.utils.extract_model(str(exported), str(cut), ["input_ids", "attention_mask"],
-                             [EMBEDDINGS_OUTPUT, layer_output_name(onnx.load(str(exported)), 0)])
+                             [EMBEDDINGS_OUTPUT, layer_output_name(model, 0)])
     seq = 16
     ids = (1000 + 37 * np.arange(seq, dtype=np.int64))[None, :]
     embeddings, expected = session(cut, 1).run(
         None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
     hidden, heads, _, _ = GEOMETRIES["minilm"]
-    built = built_layer(hidden, heads, 1, seq, exported_layer0_weights(onnx.load(str(exported))), None)
+    built = built_layer(hidden, heads, 1, seq, exported_layer0_weights(model), None)
     (got,) = session(built, 1).run(None, {"hidden": embeddings})
     error = float(np.abs(got - expected).max())
     if error > 1e-4:
@@ -249,14 +249,15 @@ def main():
     exported = exported_model_path()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        error = check_built_graph(exported, workdir)
+        model = onnx.load(str(exported))
+        error = check_built_graph(exported, model, workdir)
         print(f"built MiniLM layer vs exported layer 0: max |difference| {error:.1e}", flush=True)
         cuts = {}
         for layers in (1, 3):
             cuts[layers] = workdir / f"layers{layers}.onnx"
             onnx.utils.extract_model(str(exported), str(cuts[layers]),
                                      ["input_ids", "attention_mask"],
-                                     [layer_output_name(onnx.load(str(exported)), layers - 1)])
+                                     [layer_output_name(model, layers - 1)])
         samples = {}
         for round_index in range(args.rounds):
             for threads in thread_counts:

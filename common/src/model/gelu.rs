@@ -16,23 +16,23 @@ use rayon::prelude::*;
 /// `[width]`.
 pub fn bias_gelu(x: Tensor<2>, bias: Tensor<1>) -> Tensor<2> {
     let device = x.device();
-    if !runs_here(&device, &x) {
+    if !runs_here(&device, &x) || bias.dtype() != x.dtype() {
         return burn::tensor::activation::gelu(x + bias.unsqueeze());
     }
     let [rows, width] = x.dims();
-    let bias = bias.to_device(&device);
     let (Ok(mut values), Ok(bias)) = (
         x.into_data().try_into_vec::<f32>(),
         bias.into_data().try_into_vec::<f32>(),
     ) else {
-        unreachable!("runs_here admitted only f32 tensors")
+        unreachable!("only f32 tensors take this path")
     };
     // Rows in chunks of about 16k values: enough work per rayon task to repay the hand-off.
     let rows_per_chunk = (16 * 1024 / width).max(1);
+    let arch = pulp::Arch::new();
     values
         .par_chunks_mut(rows_per_chunk * width)
         .for_each(|chunk| {
-            pulp::Arch::new().dispatch(|| {
+            arch.dispatch(|| {
                 for row in chunk.chunks_exact_mut(width) {
                     for (value, &shift) in row.iter_mut().zip(&bias) {
                         *value = gelu(*value + shift);
