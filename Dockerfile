@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 #
-# Container image of the splitee cloud worker (README, "Deployment"). Multi-stage: the first
+# Container image of the splitee cloud worker (docs/deployment.md). Multi-stage: the first
 # stage compiles `cloud-worker` with the Rust toolchain and a C compiler (tokenizers builds
 # Oniguruma from C); the second holds only the binary, the embedded default model and the
 # configuration, on Debian 12 slim (glibc 2.36, above the binary's glibc floor).

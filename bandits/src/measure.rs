@@ -93,13 +93,25 @@ impl Confidence {
 
 /// The predicted class: the first of equal top probabilities.
 pub fn argmax(probs: &[f32]) -> u32 {
+    first_max_index(probs.iter().copied()) as u32
+}
+
+/// Index of the first maximum (ties go to the lowest index; 0 when empty): the one rule for
+/// predicted classes and for the policies' best arm.
+#[inline]
+pub(crate) fn first_max_index<T: PartialOrd>(values: impl IntoIterator<Item = T>) -> usize {
+    let mut values = values.into_iter().enumerate();
+    let Some((_, mut best_value)) = values.next() else {
+        return 0;
+    };
     let mut best = 0;
-    for (class, &p) in probs.iter().enumerate() {
-        if p > probs[best] {
-            best = class;
+    for (i, v) in values {
+        if v > best_value {
+            best = i;
+            best_value = v;
         }
     }
-    best as u32
+    best
 }
 
 pub fn max_prob(probs: &[f32]) -> f64 {

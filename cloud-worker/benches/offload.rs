@@ -25,12 +25,12 @@ use std::time::{Duration, Instant};
 
 use burn::prelude::*;
 use cloud_worker::{CertOptions, Worker, WorkerConfig};
-use splitee_common::protocol::{
+use splitee_model::{BackendChoice, ModelDir};
+use splitee_protocol::{
     MAGIC, OffloadRequest, PROTOCOL_VERSION, PayloadEncoding, ReplyOptions, Response,
     decode_request, encode_hidden, encode_request,
 };
-use splitee_common::transport::{self, Connection};
-use splitee_common::{BackendChoice, ModelDir};
+use splitee_service::transport::{self, Connection};
 
 const SPLIT: usize = 3;
 const HIDDEN: usize = 384;
@@ -76,12 +76,13 @@ fn main() {
     // The edge half (building the requests) on the CPU; the worker on the backend measured.
     let device = BackendChoice::Flex.device().unwrap();
     let worker_device = backend
-        .device_or_refuse()
-        .unwrap_or_else(|why| panic!("SPLITEE_BENCH_BACKEND={backend}: {why}"));
+        .select(cloud_worker::WHEN_BACKEND_UNAVAILABLE)
+        .unwrap_or_else(|why| panic!("SPLITEE_BENCH_BACKEND={backend}: {why}"))
+        .device;
     if backend == BackendChoice::Wgpu {
         println!(
             "worker on wgpu: {}",
-            splitee_common::device::gpu_adapter().unwrap()
+            splitee_model::device::gpu_adapter().unwrap()
         );
     }
     let load_model = |device: &Device| {

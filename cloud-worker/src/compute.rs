@@ -32,8 +32,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use burn::prelude::*;
-use splitee_common::protocol::{Answer, ErrorCode, ProtocolError, ReplyOptions};
-use splitee_common::{Hidden, MultiExitBert, PaddingMask};
+use splitee_model::{Hidden, MultiExitBert, PaddingMask};
+use splitee_protocol::{Answer, ErrorCode, ProtocolError, ReplyOptions};
 use tokio::sync::oneshot;
 
 use crate::metrics::Metrics;
@@ -388,7 +388,7 @@ impl Compute {
         &self,
         jobs: &[Job],
         started: Instant,
-    ) -> splitee_common::Result<Vec<Result<Outcome, ProtocolError>>> {
+    ) -> splitee_model::Result<Vec<Result<Outcome, ProtocolError>>> {
         let model = &self.model;
         let num_layers = model.num_layers();
         let hidden_size = model.config().hidden_size;

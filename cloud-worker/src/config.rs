@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use splitee_common::BackendChoice;
+use splitee_model::BackendChoice;
 
 use crate::cid::QuicLbConfig;
 
@@ -195,7 +195,7 @@ impl WorkerConfig {
     /// settings.
     pub fn validate(&self) -> anyhow::Result<()> {
         let (b, l) = (&self.batching, &self.limits);
-        splitee_common::settings::check_ranges(&[
+        splitee_service::settings::check_ranges(&[
             // The answer reports its batch size as a u16; a batch pads to one tensor.
             (
                 "batching.max_batch_size",

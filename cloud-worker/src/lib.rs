@@ -1,7 +1,7 @@
 //! splitee's cloud worker: a QUIC server that finishes split forward passes.
 //!
 //! Edge agents send the hidden states after their split layer `s` (see
-//! [`splitee_common::protocol`]); the worker runs layers `s+1..L` in dynamic batches on a
+//! [`splitee_protocol`]); the worker runs layers `s+1..L` in dynamic batches on a
 //! dedicated compute thread and answers with the final exit's probabilities (or an earlier
 //! cloud-side exit's, when the request asks for it), with its own queueing and compute time.
 //!
@@ -24,6 +24,13 @@ pub mod config;
 pub mod metrics;
 pub mod server;
 pub mod status;
+
+/// The worker's policy for a backend that cannot run here: it never falls back. A worker asked
+/// for a GPU and running on the CPU would look healthy to its load balancer while answering
+/// many times slower than the fleet was sized for, so it refuses to start and says why
+/// (Kubernetes then shows the pod failing instead of quietly slow).
+pub const WHEN_BACKEND_UNAVAILABLE: splitee_model::WhenUnavailable =
+    splitee_model::WhenUnavailable::Refuse;
 
 pub use certs::{CertOptions, GeneratedCerts, gen_certs};
 pub use config::WorkerConfig;

@@ -8,7 +8,7 @@ use anyhow::Context;
 use burn::prelude::Device;
 use clap::{Args, Parser, Subcommand};
 use cloud_worker::{CertOptions, StatusEndpoint, Worker, WorkerConfig};
-use splitee_common::{BackendChoice, ModelDir};
+use splitee_model::{BackendChoice, ModelDir};
 
 #[derive(Parser)]
 #[command(
@@ -29,7 +29,7 @@ enum Command {
     /// per holder: ca/ (keep offline), worker/ (what a worker mounts), agent/.
     GenCerts(GenCertsArgs),
     /// Fetch a model's cached backbone weights (see its backbone.json); idempotent.
-    FetchModel(splitee_common::fetch::FetchArgs),
+    FetchModel(splitee_model::fetch::FetchArgs),
 }
 
 /// Flags override the configuration file, which overrides the defaults.
@@ -80,7 +80,7 @@ struct ServeArgs {
     #[arg(long)]
     max_seq_len: Option<usize>,
     /// Put this server ID into every QUIC connection ID the worker issues (QUIC-LB plaintext,
-    /// README "Kubernetes"): hex bytes (`0x0a0b0c0d`) or an IPv4 address (`10.1.2.3` = 4
+    /// docs/deployment.md, "Kubernetes"): hex bytes (`0x0a0b0c0d`) or an IPv4 address (`10.1.2.3` = 4
     /// bytes; the Kubernetes manifest passes the pod's IP). Overrides `quic_lb.server_id`, and
     /// enables `[quic_lb]` with its defaults when the file has no such table.
     #[arg(long)]
@@ -109,11 +109,11 @@ struct GenCertsArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    splitee_common::logging::init("info");
+    splitee_service::logging::init("info");
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
         Command::GenCerts(args) => gen_certs(args),
-        Command::FetchModel(args) => Ok(splitee_common::fetch::run(&args)?),
+        Command::FetchModel(args) => Ok(splitee_model::fetch::run(&args)?),
     }
 }
 
@@ -244,9 +244,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .thread_name("splitee-io")
         .build()?
         .block_on(async move {
-            // A second signal ends the process at once (splitee_common::signals).
+            // A second signal ends the process at once (splitee_service::signals).
             let stop = tokio_util::sync::CancellationToken::new();
-            splitee_common::signals::shutdown_on_signals(stop.clone())?;
+            splitee_service::signals::shutdown_on_signals(stop.clone())?;
             let status = StatusEndpoint::bind(&config).await?;
             if let Some(addr) = status.addr() {
                 tracing::info!(%addr, "HTTP endpoint up (/readyz: loading)");
@@ -273,22 +273,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         })
 }
 
-/// The one place the device is chosen. Unlike the edge agent, the worker never falls back: a
-/// worker asked for a GPU and running on the CPU would look healthy to its load balancer while
-/// answering many times slower than the fleet was sized for, so it refuses to start and says
-/// why (Kubernetes then shows the pod failing instead of quietly slow). A software rasterizer
-/// (lavapipe) counts as no GPU unless `SPLITEE_WGPU_ALLOW_SOFTWARE=1`.
+/// The one place the device is chosen, by [`cloud_worker::WHEN_BACKEND_UNAVAILABLE`]: a
+/// backend that cannot run here (a software rasterizer counts as no GPU unless
+/// `SPLITEE_WGPU_ALLOW_SOFTWARE=1`) is an error saying what to choose instead.
 fn pick_device(backend: BackendChoice) -> anyhow::Result<Device> {
-    let device = backend.device_or_refuse().map_err(|why| {
-        anyhow::anyhow!(
-            "backend {backend}: {why}. The worker does not fall back to the CPU; choose \
-             `backend = \"flex\"` (or --backend flex) to serve on the CPU"
-        )
-    })?;
-    if backend == BackendChoice::Wgpu
-        && let Ok(adapter) = splitee_common::device::gpu_adapter()
-    {
-        tracing::info!(%adapter, "computing on the GPU");
-    }
-    Ok(device)
+    let selected = backend
+        .select(cloud_worker::WHEN_BACKEND_UNAVAILABLE)
+        .map_err(|why| {
+            anyhow::anyhow!(
+                "backend {backend}: {why}. The worker does not fall back to the CPU; choose \
+                 `backend = \"flex\"` (or --backend flex) to serve on the CPU"
+            )
+        })?;
+    Ok(selected.device)
 }

@@ -1,4 +1,4 @@
-//! Prometheus metrics of the worker, served by [`splitee_common::http`] on `/metrics` beside
+//! Prometheus metrics of the worker, served by [`splitee_service::http`] on `/metrics` beside
 //! `/healthz`.
 
 use std::time::Duration;
@@ -9,7 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
-use splitee_common::protocol::ErrorCode;
+use splitee_protocol::ErrorCode;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CodeLabel {

@@ -26,13 +26,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use burn::prelude::Device;
 use quinn::{Endpoint, Incoming, RecvStream, SendStream};
-use splitee_common::LoadedModel;
-use splitee_common::protocol::{
+use splitee_model::LoadedModel;
+use splitee_protocol::{
     ErrorCode, FrameKind, HEADER_LEN, Limits, MAX_HELLO_BODY_BYTES, PROTOCOL_VERSION,
     ProtocolError, ReplyOptions, Response, Welcome, decode_header, decode_hello_body,
     decode_request_body, encode_error_for_version, encode_response, header_version,
 };
-use splitee_common::transport;
+use splitee_service::transport;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

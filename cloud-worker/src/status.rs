@@ -1,5 +1,5 @@
 //! The worker's HTTP endpoint: `/metrics`, `/healthz` and `/readyz`
-//! ([`splitee_common::http`]).
+//! ([`splitee_service::http`]).
 //!
 //! It is bound before the model loads ([`StatusEndpoint::bind`], then
 //! [`crate::Worker::start_with_status`]), so that an orchestrator sees the worker alive
@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
-use splitee_common::http::{self, Readiness};
+use splitee_service::http::{self, Readiness};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 

@@ -1,4 +1,4 @@
-//! Encoder speed on the CPU backends, as a table (`cargo bench -p splitee-common --bench
+//! Encoder speed on the CPU backends, as a table (`cargo bench -p splitee-model --bench
 //! forward`; add `--features bench-candle` for the candle-transformers column, `--features
 //! wgpu` for a row on the GPU adapter wgpu picks).
 //!
@@ -15,8 +15,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use burn::prelude::*;
-use splitee_common::fetch::{self, Source};
-use splitee_common::{BackendChoice, BertConfig, ModelDir, MultiExitBert};
+use splitee_model::fetch::{self, Source};
+use splitee_model::{BackendChoice, BertConfig, ModelDir, MultiExitBert};
 use support::{MIN_RUNS, layer_flops, median_of, ms, token_ids};
 
 const SEQUENCE_LENGTHS: [usize; 3] = [16, 64, 128];
@@ -40,7 +40,7 @@ fn main() {
     let mut backends = vec![BackendChoice::Flex, BackendChoice::Ndarray];
     if cfg!(feature = "wgpu") {
         // The wgpu row (`--features wgpu`): whatever adapter wgpu picks, named in the output.
-        match splitee_common::device::gpu_adapter() {
+        match splitee_model::device::gpu_adapter() {
             Ok(adapter) => {
                 println!("wgpu adapter: {adapter}");
                 backends.push(BackendChoice::Wgpu);
@@ -63,7 +63,7 @@ fn main() {
         }
         // The peer runs BERT only: candle-transformers' MPNet is not the same architecture.
         #[cfg(feature = "bench-candle")]
-        if model_dir.config.family() == splitee_common::Family::Bert {
+        if model_dir.config.family() == splitee_model::Family::Bert {
             for seq in SEQUENCE_LENGTHS {
                 let (layer, full) = candle_peer::time(dir, seq);
                 rows.push(("candle 0.11".to_owned(), seq, layer, full));

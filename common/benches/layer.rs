@@ -20,8 +20,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use burn::prelude::*;
-use splitee_common::model::EncoderLayer;
-use splitee_common::{BackendChoice, BertConfig, ExitConfig, ModelDir, MultiExitBert};
+use splitee_model::model::EncoderLayer;
+use splitee_model::{BackendChoice, BertConfig, ExitConfig, ModelDir, MultiExitBert};
 use support::{layer_flops, median_of, ms, token_ids};
 
 const SEQUENCE_LENGTHS: [usize; 3] = [16, 64, 128];

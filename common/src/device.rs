@@ -3,16 +3,15 @@
 //! Binaries turn a [`BackendChoice`] into a burn [`Device`] once, at start-up; everything
 //! below them takes `&Device` and never names a backend.
 //!
-//! Two ways to do that:
-//!
-//! * [`BackendChoice::device`] is strict: the backend asked for, or an error saying why this
-//!   build or this machine cannot provide it.
-//! * [`BackendChoice::device_or_refuse`] is as strict, and also refuses a software rasterizer
-//!   unless [`ALLOW_SOFTWARE_ADAPTER_ENV`] is `1`: the cloud worker's choice.
-//! * [`BackendChoice::device_with_fallback`] never fails: asked for `wgpu` where there is no
-//!   usable GPU adapter (no Vulkan driver, no adapter, device creation refused, or — unless
-//!   [`ALLOW_SOFTWARE_ADAPTER_ENV`] is `1` — only a software rasterizer such as Mesa's
-//!   lavapipe), it hands back the flex CPU backend and the reason, for the binary to print.
+//! * [`BackendChoice::select`] is how a binary does it, with its policy for a backend that
+//!   cannot run here ([`WhenUnavailable`]): fall back to the flex CPU backend and say why (the
+//!   edge agent), or refuse and say why (the cloud worker, the offline tools). `wgpu` is
+//!   unusable without a GPU adapter (no Vulkan driver, no adapter, device creation refused),
+//!   and a software rasterizer such as Mesa's lavapipe counts as none unless
+//!   [`ALLOW_SOFTWARE_ADAPTER_ENV`] is `1`.
+//! * [`BackendChoice::device`] is the bare backend, for tests and benchmarks: the backend
+//!   asked for (any wgpu adapter, software included), or why this build or machine cannot
+//!   provide it.
 //!
 //! The wgpu adapter is probed once per process, without panicking: burn's
 //! `Device::wgpu_options().init_with_setup()` acquires the adapter and the logical device
@@ -25,16 +24,16 @@ use std::str::FromStr;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-/// Set to `1` to let [`BackendChoice::device_with_fallback`] use a software rasterizer (Mesa's
-/// lavapipe/llvmpipe, WARP) as the wgpu adapter. Off by default: on a CPU, flex is faster (README,
-/// "Performance").
+/// Set to `1` to let [`BackendChoice::select`] use a software rasterizer (Mesa's
+/// lavapipe/llvmpipe, WARP) as the wgpu adapter. Off by default: on a CPU, flex is faster
+/// (docs/performance.md).
 pub const ALLOW_SOFTWARE_ADAPTER_ENV: &str = "SPLITEE_WGPU_ALLOW_SOFTWARE";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum BackendChoice {
-    /// burn's pure-Rust CPU backend; the default because it measured fastest here (README,
-    /// "Performance").
+    /// burn's pure-Rust CPU backend; the default because it measured fastest here
+    /// (docs/performance.md).
     #[default]
     Flex,
     /// burn's ndarray CPU backend (deprecated upstream, kept for comparison and old boards).
@@ -92,55 +91,77 @@ impl BackendChoice {
         }
     }
 
-    /// The device to run on, never failing: `wgpu` without a usable GPU adapter falls back to
-    /// flex. Returns the device, the backend actually used, and why it fell back (`None` when
-    /// it did not), for the binary to print.
-    ///
-    /// A software rasterizer counts as unusable unless [`ALLOW_SOFTWARE_ADAPTER_ENV`] is `1`.
-    pub fn device_with_fallback(self) -> (Device, BackendChoice, Option<String>) {
-        self.device_with_fallback_policy(software_adapter_allowed())
+    /// The device a binary runs on, by the binary's policy for a backend that cannot run here
+    /// (the one selection function; each binary states its policy once). A software
+    /// rasterizer counts as no GPU unless [`ALLOW_SOFTWARE_ADAPTER_ENV`] is `1`. Logs the
+    /// outcome a user needs to see: a fallback (warn) and the GPU adapter chosen (info).
+    pub fn select(self, policy: WhenUnavailable) -> Result<SelectedDevice, String> {
+        let selected = self.select_with(policy, software_adapter_allowed());
+        match &selected {
+            Ok(SelectedDevice {
+                fell_back_because: Some(why),
+                ..
+            }) => tracing::warn!("{why}"),
+            Ok(SelectedDevice {
+                backend: BackendChoice::Wgpu,
+                ..
+            }) => {
+                if let Ok(adapter) = gpu_adapter() {
+                    tracing::info!(%adapter, "computing on the GPU");
+                }
+            }
+            _ => {}
+        }
+        selected
     }
 
-    /// The device asked for, or why it is not usable here — never another one. Like
-    /// [`Self::device`], but a software rasterizer counts as no adapter unless
-    /// [`ALLOW_SOFTWARE_ADAPTER_ENV`] is `1`, as in [`Self::device_with_fallback`]. For
-    /// services that must not quietly run slower than they were sized for (the cloud worker).
-    pub fn device_or_refuse(self) -> Result<Device, String> {
-        self.device_or_refuse_policy(software_adapter_allowed())
-    }
-
-    /// [`Self::device_or_refuse`] with the software-rasterizer policy given explicitly.
-    pub fn device_or_refuse_policy(self, allow_software_adapter: bool) -> Result<Device, String> {
-        match self {
+    /// [`Self::select`] with the software-rasterizer rule given instead of read from the
+    /// environment, and nothing logged.
+    pub fn select_with(
+        self,
+        policy: WhenUnavailable,
+        allow_software_adapter: bool,
+    ) -> Result<SelectedDevice, String> {
+        let usable = match self {
             Self::Wgpu => usable_gpu_adapter(allow_software_adapter).map(|_| wgpu_device()),
             cpu => cpu.device(),
-        }
-    }
-
-    /// [`Self::device_with_fallback`] with the software-rasterizer policy given explicitly
-    /// instead of read from the environment.
-    pub fn device_with_fallback_policy(
-        self,
-        allow_software_adapter: bool,
-    ) -> (Device, BackendChoice, Option<String>) {
-        let fall_back = |why: String| {
-            (
-                Device::flex(),
-                Self::Flex,
-                Some(format!("{why}; falling back to the flex CPU backend")),
-            )
         };
-        match self {
-            Self::Wgpu => match usable_gpu_adapter(allow_software_adapter) {
-                Err(why) => fall_back(why),
-                Ok(_) => (wgpu_device(), Self::Wgpu, None),
-            },
-            cpu => match cpu.device() {
-                Ok(device) => (device, cpu, None),
-                Err(why) => fall_back(why),
-            },
+        match (usable, policy) {
+            (Ok(device), _) => Ok(SelectedDevice {
+                device,
+                backend: self,
+                fell_back_because: None,
+            }),
+            (Err(why), WhenUnavailable::Refuse) => Err(why),
+            (Err(why), WhenUnavailable::FallBackToCpu) => Ok(SelectedDevice {
+                device: Device::flex(),
+                backend: Self::Flex,
+                fell_back_because: Some(format!("{why}; falling back to the flex CPU backend")),
+            }),
         }
     }
+}
+
+/// What a binary does when the backend it is asked for cannot run here. Each binary states
+/// its choice once, as a constant next to its entry point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenUnavailable {
+    /// Run on the flex CPU backend and say why: a device in the field should answer slowly
+    /// rather than not at all (the edge agent).
+    FallBackToCpu,
+    /// Do not start, and say why: a service sized for a GPU, or a long offline run, must not
+    /// quietly run many times slower (the cloud worker, the offline tools).
+    Refuse,
+}
+
+/// The device [`BackendChoice::select`] settled on.
+#[derive(Debug, Clone)]
+pub struct SelectedDevice {
+    pub device: Device,
+    /// The backend actually used: the one asked for, or flex after a fallback.
+    pub backend: BackendChoice,
+    /// Why it fell back, when it did.
+    pub fell_back_because: Option<String>,
 }
 
 fn software_adapter_allowed() -> bool {
@@ -175,8 +196,8 @@ pub fn gpu_adapter() -> Result<GpuAdapter, String> {
     #[cfg(not(feature = "wgpu"))]
     {
         Err(
-            "this build has no GPU support: rebuild with `--features splitee-common/wgpu` \
-             (or `--features wgpu` for the splitee-common crate itself)"
+            "this build has no GPU support: rebuild with `--features splitee-model/wgpu` \
+             (or `--features wgpu` for the splitee-model crate itself)"
                 .to_owned(),
         )
     }
@@ -273,12 +294,18 @@ impl FromStr for BackendChoice {
 mod tests {
     use super::*;
 
+    /// `(backend used, why it fell back)` under the fallback policy.
+    fn fall_back(choice: BackendChoice, allow_software: bool) -> (BackendChoice, Option<String>) {
+        let selected = choice
+            .select_with(WhenUnavailable::FallBackToCpu, allow_software)
+            .expect("falling back never fails");
+        (selected.backend, selected.fell_back_because)
+    }
+
     #[test]
     fn cpu_backends_never_fall_back() {
         for choice in [BackendChoice::Flex, BackendChoice::Ndarray] {
-            let (_, used, why) = choice.device_with_fallback_policy(false);
-            assert_eq!(used, choice);
-            assert_eq!(why, None);
+            assert_eq!(fall_back(choice, false), (choice, None));
         }
     }
 
@@ -286,7 +313,7 @@ mod tests {
     /// why; with an adapter (real, or software when allowed) it is used.
     #[test]
     fn wgpu_falls_back_to_flex_with_a_reason_or_runs_on_an_adapter() {
-        let (_, used, why) = BackendChoice::Wgpu.device_with_fallback_policy(true);
+        let (used, why) = fall_back(BackendChoice::Wgpu, true);
         match gpu_adapter() {
             Ok(adapter) => {
                 assert_eq!(used, BackendChoice::Wgpu, "adapter {adapter}");
@@ -304,8 +331,8 @@ mod tests {
 
     #[test]
     fn a_software_adapter_is_refused_unless_allowed() {
-        let (_, used, why) = BackendChoice::Wgpu.device_with_fallback_policy(false);
-        let refused = BackendChoice::Wgpu.device_or_refuse_policy(false);
+        let (used, why) = fall_back(BackendChoice::Wgpu, false);
+        let refused = BackendChoice::Wgpu.select_with(WhenUnavailable::Refuse, false);
         if gpu_adapter().is_ok_and(|adapter| adapter.software) {
             assert_eq!(used, BackendChoice::Flex);
             let why = why.unwrap();
@@ -314,7 +341,11 @@ mod tests {
             let refused = refused.err().expect("a software adapter is refused");
             assert!(refused.contains(ALLOW_SOFTWARE_ADAPTER_ENV), "{refused}");
             assert!(!refused.contains("falling back"), "{refused}");
-            assert!(BackendChoice::Wgpu.device_or_refuse_policy(true).is_ok());
+            assert!(
+                BackendChoice::Wgpu
+                    .select_with(WhenUnavailable::Refuse, true)
+                    .is_ok()
+            );
         }
     }
 
@@ -323,13 +354,17 @@ mod tests {
     #[test]
     fn refusing_gives_the_backend_asked_for_or_why_not() {
         for choice in [BackendChoice::Flex, BackendChoice::Ndarray] {
-            assert!(choice.device_or_refuse_policy(false).is_ok());
+            let selected = choice.select_with(WhenUnavailable::Refuse, false).unwrap();
+            assert_eq!(
+                (selected.backend, selected.fell_back_because),
+                (choice, None)
+            );
         }
         match (
             gpu_adapter(),
-            BackendChoice::Wgpu.device_or_refuse_policy(true),
+            BackendChoice::Wgpu.select_with(WhenUnavailable::Refuse, true),
         ) {
-            (Ok(_), Ok(_)) => {}
+            (Ok(_), Ok(selected)) => assert_eq!(selected.backend, BackendChoice::Wgpu),
             (Err(reason), Err(why)) => {
                 assert!(
                     why.contains(&reason) && why.contains("wgpu unavailable"),
@@ -338,7 +373,7 @@ mod tests {
             }
             (adapter, device) => panic!(
                 "probe {adapter:?} and refusal {:?} disagree",
-                device.map(|_| "a device")
+                device.map(|selected| selected.backend)
             ),
         }
     }

@@ -1,25 +1,21 @@
-//! splitee's shared core: the multi-exit encoder (BERT or MPNet) that both the edge agent and
-//! the cloud worker run (each its own range of layers), its tokenizer, weights and identity.
+//! splitee's model: the multi-exit encoder (BERT or MPNet) that both the edge agent and the
+//! cloud worker run (each its own range of layers), its tokenizer, weights and identity, and
+//! the choice of the burn device it runs on. No I/O beyond reading a model directory: the
+//! wire format is `splitee-protocol`, the network `splitee-service`.
 
 pub mod config;
 pub mod dataset;
 pub mod device;
 pub mod error;
 pub mod fingerprint;
-pub mod http;
-pub mod logging;
 pub mod model;
 pub mod model_dir;
 pub mod profile;
-pub mod protocol;
-pub mod settings;
-pub mod signals;
 pub mod tokenize;
-pub mod transport;
 pub mod weights;
 
 pub use config::{Activation, BertConfig, ExitConfig, Family, Pooling};
-pub use device::BackendChoice;
+pub use device::{BackendChoice, SelectedDevice, WhenUnavailable};
 pub use error::{Error, Result};
 pub use fingerprint::Fingerprint;
 pub use model::{Hidden, MultiExitBert, PaddingMask};

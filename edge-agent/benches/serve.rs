@@ -1,4 +1,4 @@
-//! Load benchmark of `edge-agent serve` (README, "Edge agent", "As a device service"):
+//! Load benchmark of `edge-agent serve` (docs/edge-agent.md, "Edge agent", "As a device service"):
 //! closed-loop clients (each sends its next request when the last is answered) against a real
 //! `serve` process, per mode — device only (no `[cloud]`) and offloading (a cloud worker in
 //! this process, on the same machine) — with requests/s and p50/p99 latency as the clients

@@ -49,8 +49,8 @@ use splitee_bandits::{
     Arm, ArmIndex, CloudAnswered, Controller, Decision, OffloadFailed, Reported, SampleLog,
     SampleReport, Settlement, max_prob,
 };
-use splitee_common::protocol::{OffloadRequest, PayloadEncoding, ReplyOptions, encode_hidden};
-use splitee_common::{Fingerprint, ModelDir};
+use splitee_model::{Fingerprint, ModelDir};
+use splitee_protocol::{OffloadRequest, PayloadEncoding, ReplyOptions, encode_hidden};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;

@@ -51,8 +51,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use quinn::{Connection, Endpoint};
-use splitee_common::protocol::{Answer, ErrorCode, OffloadRequest, Response, Welcome};
-use splitee_common::transport::{self, TransportError};
+use splitee_protocol::{Answer, ErrorCode, OffloadRequest, Response, Welcome};
+use splitee_service::transport::{self, TransportError};
 
 use crate::config::{CloudConfig, WorkerAddress};
 use crate::metrics::Metrics;
@@ -506,7 +506,7 @@ impl WorkerLink {
         request.deadline_ms = u32::try_from((wait - margin).as_millis())
             .unwrap_or(u32::MAX)
             .max(1);
-        let frame = splitee_common::protocol::encode_request(request);
+        let frame = splitee_protocol::encode_request(request);
         // A request that times out resets only its stream: a slow worker is no reason to drop
         // the other requests in flight. But when not one datagram (not even an ACK of the
         // request) came back during the whole wait, the path is dead: waiting for QUIC's idle

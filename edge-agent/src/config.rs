@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use splitee_bandits::{ArmsConfig, DeviceProfile, ExitsConfig, PolicyConfig, RewardConfig};
-use splitee_common::BackendChoice;
-use splitee_common::protocol::PayloadEncoding;
+use splitee_model::BackendChoice;
+use splitee_protocol::PayloadEncoding;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -464,7 +464,7 @@ impl AgentConfig {
                 ),
             ]);
         }
-        splitee_common::settings::check_ranges(&ranges).map_err(anyhow::Error::msg)?;
+        splitee_service::settings::check_ranges(&ranges).map_err(anyhow::Error::msg)?;
         self.serve.validate()?;
         self.exits.validate().map_err(anyhow::Error::msg)?;
         self.reward.validate(self.device.as_ref())?;

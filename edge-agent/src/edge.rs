@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::Context;
 use burn::prelude::*;
 use splitee_bandits::{Arm, Decision, DevicePass, Step};
-use splitee_common::{Hidden, MultiExitBert, Tokenizer};
+use splitee_model::{Hidden, MultiExitBert, Tokenizer};
 use tokio::sync::oneshot;
 
 /// One exit the device evaluated.

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use serde::Deserialize;
-use splitee_common::dataset::Columns;
+use splitee_model::dataset::Columns;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum InputFormat {

@@ -3,8 +3,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use burn::prelude::*;
-use splitee_common::profile::profile_forward;
-use splitee_common::{BackendChoice, ModelDir};
+use splitee_model::profile::profile_forward;
+use splitee_model::{BackendChoice, ModelDir};
 
 pub fn run(
     model_dir: &Path,
@@ -37,8 +37,8 @@ pub fn run(
         loaded.dir.exits.layers.len(),
         loaded.dir.exits.layers,
         match loaded.dir.exits.pooling {
-            splitee_common::Pooling::Cls => "[CLS]",
-            splitee_common::Pooling::MaskedMean => "masked-mean",
+            splitee_model::Pooling::Cls => "[CLS]",
+            splitee_model::Pooling::MaskedMean => "masked-mean",
         },
         if loaded.dir.exits_trained {
             ""

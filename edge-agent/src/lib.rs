@@ -27,5 +27,12 @@ pub mod serve;
 pub mod state;
 
 pub use agent::Agent;
+
+/// The agent's policy for a backend that cannot run here: asked for wgpu without a usable GPU
+/// adapter (a build without the feature, no driver, or only a software rasterizer), it says why
+/// and runs on the CPU. A device in the field should answer slowly rather than not at all. The
+/// demo, which plays an agent, follows it too.
+pub const WHEN_BACKEND_UNAVAILABLE: splitee_model::WhenUnavailable =
+    splitee_model::WhenUnavailable::FallBackToCpu;
 pub use config::AgentConfig;
 pub use report::{Answered, SampleRecord, Summary};

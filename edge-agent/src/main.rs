@@ -15,7 +15,7 @@ use edge_agent::metrics::Metrics;
 use edge_agent::report::Answered;
 use edge_agent::{Agent, AgentConfig, profile};
 use indicatif::{ProgressBar, ProgressStyle};
-use splitee_common::BackendChoice;
+use splitee_model::BackendChoice;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -100,7 +100,7 @@ enum Command {
         text: String,
     },
     /// Fetch a model's cached backbone weights (see its backbone.json); idempotent.
-    FetchModel(splitee_common::fetch::FetchArgs),
+    FetchModel(splitee_model::fetch::FetchArgs),
 }
 
 /// Settings the command line may override in the agent's config.
@@ -165,7 +165,7 @@ impl Overrides {
 }
 
 fn main() -> anyhow::Result<()> {
-    splitee_common::logging::init("info");
+    splitee_service::logging::init("info");
     match Cli::parse().command {
         Command::Run {
             config,
@@ -210,7 +210,7 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
                 let shutting_down = CancellationToken::new();
-                splitee_common::signals::shutdown_on_signals(shutting_down.clone())?;
+                splitee_service::signals::shutdown_on_signals(shutting_down.clone())?;
                 edge_agent::serve::serve(agent_config, device, overrides.fresh_state, shutting_down)
                     .await
             })
@@ -251,21 +251,17 @@ fn main() -> anyhow::Result<()> {
             let (device, backend) = pick_device(backend);
             inspect::run(&model, backend, &device, &text)
         }
-        Command::FetchModel(args) => Ok(splitee_common::fetch::run(&args)?),
+        Command::FetchModel(args) => Ok(splitee_model::fetch::run(&args)?),
     }
 }
 
-/// The one place the device is chosen. A GPU that is asked for but missing is a warning, not
-/// a failure: the agent falls back to the CPU and says so.
-/// The device for `backend`, chosen once here. Asked for wgpu without a usable GPU adapter (a
-/// build without the feature, no driver, or only a software rasterizer), the agent says why and
-/// runs on the CPU: a device in the field should answer slowly rather than not at all.
+/// The one place the device is chosen, by [`edge_agent::WHEN_BACKEND_UNAVAILABLE`] (which
+/// logs a fallback).
 fn pick_device(backend: BackendChoice) -> (Device, BackendChoice) {
-    let (device, used, fell_back_because) = backend.device_with_fallback();
-    if let Some(why) = fell_back_because {
-        tracing::warn!("{why}");
-    }
-    (device, used)
+    let selected = backend
+        .select(edge_agent::WHEN_BACKEND_UNAVAILABLE)
+        .expect("falling back to the CPU never fails");
+    (selected.device, selected.backend)
 }
 
 struct RunArgs {
@@ -285,7 +281,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     // SIGTERM (systemctl stop) drains like Ctrl-C: the samples started are answered, the
     // output flushed and the state saved.
-    splitee_common::signals::shutdown_on_signals(stop.clone())?;
+    splitee_service::signals::shutdown_on_signals(stop.clone())?;
     let http = match args.config.metrics_listen {
         Some(addr) => Some(
             edge_agent::metrics::spawn_endpoint(addr, metrics.clone(), stop.clone(), stop.clone())

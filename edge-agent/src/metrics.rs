@@ -1,4 +1,4 @@
-//! Prometheus metrics of the agent, served by [`splitee_common::http`] on `/metrics` beside
+//! Prometheus metrics of the agent, served by [`splitee_service::http`] on `/metrics` beside
 //! `/healthz` (on `metrics_listen`, and by `serve` on its API too, with [`ApiMetrics`]).
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -314,11 +314,11 @@ pub async fn spawn_endpoint(
     shutting_down: CancellationToken,
     stop: CancellationToken,
 ) -> anyhow::Result<JoinHandle<std::io::Result<()>>> {
-    let listener = splitee_common::http::bind(addr)
+    let listener = splitee_service::http::bind(addr)
         .await
         .with_context(|| format!("binding the metrics endpoint {addr}"))?;
     tracing::info!(%addr, "serving /metrics and /healthz");
-    Ok(tokio::spawn(splitee_common::http::serve_metrics(
+    Ok(tokio::spawn(splitee_service::http::serve_metrics(
         listener,
         Arc::new(move || metrics.encode()),
         shutting_down,

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use anyhow::Context;
 use burn::prelude::Device;
-use splitee_common::profile::profile_forward;
-use splitee_common::{Batch, ModelDir};
+use splitee_model::profile::profile_forward;
+use splitee_model::{Batch, ModelDir};
 
 use splitee_bandits::DeviceProfile;
 

@@ -64,7 +64,7 @@ pub const CLASSIFY: &str = "/v1/classify";
 pub const READYZ: &str = "/readyz";
 pub const OPENAPI: &str = "/openapi.json";
 /// Every route the server answers, `(method, path)`; `/healthz` and `/metrics` are
-/// [`splitee_common::http::routes`]. The OpenAPI document describes exactly these (tested).
+/// [`splitee_service::http::routes`]. The OpenAPI document describes exactly these (tested).
 pub const ROUTES: [(&str, &str); 5] = [
     ("post", CLASSIFY),
     ("get", READYZ),
@@ -661,7 +661,7 @@ fn router(api: Arc<Api>) -> Router {
             )
         })
         .with_state(api.clone())
-        .merge(splitee_common::http::routes(
+        .merge(splitee_service::http::routes(
             render,
             api.shutting_down.clone(),
         ))

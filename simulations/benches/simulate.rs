@@ -8,15 +8,15 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use simulations::clock::ClockConfig;
-use simulations::network::{BaseTrace, Link, Rtt};
-use simulations::sim::{AgentModel, Arrivals, RunSpec, SampleOrder, Workload, run};
-use simulations::synth::{SynthSpec, generate};
 use splitee_bandits::{
     ArmSpace, Controller, CostModel, DecisionRule, ExitsConfig, PolicyConfig, RewardKind,
     RewardModel, RewardRange,
 };
-use splitee_common::protocol::PayloadEncoding;
+use splitee_link::network::{BaseTrace, Link, Rtt};
+use splitee_protocol::PayloadEncoding;
+use splitee_replay::clock::ClockConfig;
+use splitee_replay::sim::{AgentModel, Arrivals, RunSpec, SampleOrder, Workload, run};
+use splitee_replay::synth::{SynthSpec, generate};
 
 fn main() -> anyhow::Result<()> {
     let samples: usize = std::env::var("SIM_BENCH_SAMPLES")

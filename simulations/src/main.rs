@@ -4,18 +4,20 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use burn::prelude::Device;
 use clap::{Parser, Subcommand};
-use simulations::calibrate::calibrate;
-use simulations::demo::{self, DemoOptions};
-use simulations::experiment::AgentTables;
-use simulations::experiment::{ExperimentConfig, Prepared, run_experiment};
-use simulations::link::{self, LinkConfig};
-use simulations::matrix::ConfidenceMatrix;
-use simulations::record::record;
-use simulations::synth::{SynthSpec, generate};
-use simulations::training::{self, TrainConfig, Trainer};
-use splitee_common::dataset::Dataset;
-use splitee_common::{BackendChoice, ModelDir};
+use splitee_link::LinkConfig;
+use splitee_model::dataset::Dataset;
+use splitee_model::{BackendChoice, ModelDir, WhenUnavailable};
+use splitee_replay::calibrate::calibrate;
+use splitee_replay::experiment::AgentTables;
+use splitee_replay::experiment::{ExperimentConfig, Prepared, run_experiment};
+use splitee_replay::matrix::ConfidenceMatrix;
+use splitee_replay::synth::{SynthSpec, generate};
+use splitee_testbed::demo::{self, DemoOptions};
+use splitee_testbed::link;
+use splitee_training::record::record;
+use splitee_training::{self as training, TrainConfig, Trainer};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -74,7 +76,7 @@ enum Command {
         #[arg(long)]
         write: bool,
     },
-    /// Write a SYNTHETIC confidence matrix in splitee's format (see `simulations::synth`).
+    /// Write a SYNTHETIC confidence matrix in splitee's format (see `splitee_replay::synth`).
     Synth {
         #[arg(long)]
         out: PathBuf,
@@ -301,7 +303,7 @@ fn main() -> anyhow::Result<()> {
             limit,
             backend,
         } => {
-            let device = backend.device().map_err(anyhow::Error::msg)?;
+            let device = tool_device(backend)?;
             let loaded = ModelDir::open(&model)?.load(&device)?;
             let dataset = Dataset::read_tsv(&data)?;
             for bad in &dataset.bad_rows {
@@ -324,7 +326,7 @@ fn main() -> anyhow::Result<()> {
             data,
             backend,
         } => {
-            let device = backend.device().map_err(anyhow::Error::msg)?;
+            let device = tool_device(backend)?;
             let outputs = training::evaluate(&model, &data, &device)?;
             println!(
                 "{} on {} ({} samples):\n",
@@ -336,8 +338,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Train { config, backend } => {
             let config = TrainConfig::from_file(&config)?;
-            // The one place the device is chosen.
-            let device = backend.device().map_err(anyhow::Error::msg)?;
+            let device = tool_device(backend)?;
             let report = Trainer::new(&config, device, true).run()?;
             println!(
                 "trained on {} examples in {:.0} s; test split:",
@@ -357,7 +358,7 @@ fn main() -> anyhow::Result<()> {
             backend,
         } => {
             // Warnings only by default: the progress bars are the demo's output.
-            splitee_common::logging::init("warn");
+            splitee_service::logging::init("warn");
             let options = DemoOptions {
                 agent_config: config.unwrap_or_else(|| model.agent_config().into()),
                 link_config: link,
@@ -367,10 +368,11 @@ fn main() -> anyhow::Result<()> {
                 baselines: !no_baselines,
                 out,
             };
-            let (device, _, fell_back_because) = backend.device_with_fallback();
-            if let Some(why) = fell_back_because {
-                tracing::warn!("{why}");
-            }
+            // The demo plays an edge agent, so it chooses its device as the agent does.
+            let device = backend
+                .select(edge_agent::WHEN_BACKEND_UNAVAILABLE)
+                .map_err(anyhow::Error::msg)?
+                .device;
             let report = tokio::runtime::Runtime::new()?.block_on(async {
                 let stop = CancellationToken::new();
                 let on_ctrl_c = {
@@ -405,7 +407,7 @@ fn main() -> anyhow::Result<()> {
             listen,
             upstream,
         } => {
-            splitee_common::logging::init("info");
+            splitee_service::logging::init("info");
             let config = LinkConfig::load(&config)?;
             // One thread is plenty for a relay; the machine's cores stay with the services.
             tokio::runtime::Builder::new_current_thread()
@@ -415,4 +417,15 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The device of the offline tools (`record`, `evaluate`, `train`): they refuse a backend
+/// that cannot run here, as the cloud worker does. A run asked for a GPU that quietly ran on
+/// the CPU would take many times longer, and `record` would label its matrix with a backend
+/// it did not use.
+fn tool_device(backend: BackendChoice) -> anyhow::Result<Device> {
+    Ok(backend
+        .select(WhenUnavailable::Refuse)
+        .map_err(|why| anyhow::anyhow!("backend {backend}: {why}"))?
+        .device)
 }

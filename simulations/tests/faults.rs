@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use burn::prelude::Device;
 use edge_agent::{Answered, SampleRecord};
-use simulations::demo::{self, DemoOptions, LinkRun, LocalCloud, agent_config_for};
-use simulations::link::LinkConfig;
+use splitee_link::LinkConfig;
+use splitee_testbed::demo::{self, DemoOptions, LinkRun, LocalCloud, agent_config_for};
 use tokio_util::sync::CancellationToken;
 
 /// One system at a time: each test runs a worker, a link and an agent against wall-clock

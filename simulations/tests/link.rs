@@ -9,11 +9,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use simulations::link::{
-    Direction, DirectionStats, Directions, DropCause, GilbertElliott, LinkConfig, LinkEmulator,
-    LinkHandle, LinkModel, LoadedLinkModel, Loss, QueueLimit, Shaper, bind_udp,
+use splitee_link::network::BaseTrace;
+use splitee_link::{
+    BurstLoss, Direction, DirectionStats, Directions, DropCause, LinkConfig, LinkModel,
+    LoadedLinkModel, Loss, QueueLimit, Shaper,
 };
-use simulations::network::BaseTrace;
+use splitee_testbed::link::{LinkEmulator, LinkHandle, bind_udp};
 use tokio::net::UdpSocket;
 
 // ---------------------------------------------------------------------------------------------
@@ -234,7 +235,7 @@ fn loss_rates_match_the_configuration() {
     // Gilbert–Elliott, mean 0.0636. Successive losses are correlated (state persistence
     // λ = 1 − p − r = 0.78), which inflates the variance of the mean to ≈ 0.26/n:
     // sd = 0.0008 for n = 400,000; tolerance 0.004 (5 sd).
-    let ge = Loss::GilbertElliott(GilbertElliott {
+    let ge = Loss::GilbertElliott(BurstLoss {
         p_good_to_bad: 0.02,
         p_bad_to_good: 0.2,
         loss_good: 0.01,
@@ -254,7 +255,7 @@ fn gilbert_elliott_losses_come_in_bursts_of_the_configured_length() {
     // geometric with mean 1/r = 4. About 8,300 bursts in 200,000 datagrams; the sd of a burst
     // is 3.5, so the mean's sd is 0.04; tolerance 0.2 (5 sd).
     let mut link = shaper(LinkModel {
-        loss: Some(Loss::GilbertElliott(GilbertElliott {
+        loss: Some(Loss::GilbertElliott(BurstLoss {
             p_good_to_bad: 0.05,
             p_bad_to_good: 0.25,
             loss_good: 0.0,
@@ -921,7 +922,7 @@ async fn relay_rate_follows_scheduled_and_run_time_switches() {
     });
     tokio::time::sleep_until((origin + Duration::from_secs(3)).into()).await;
     let fast = LinkModel {
-        rate: Some(simulations::network::TraceSource::Constant { rate_mbps: 6.0 }),
+        rate: Some(splitee_link::network::TraceSource::Constant { rate_mbps: 6.0 }),
         queue: QueueLimit {
             packets: Some(50),
             bytes: None,
@@ -980,7 +981,7 @@ async fn relay_keeps_clients_apart() {
 async fn replacing_a_link_with_a_bad_model_is_an_error() {
     let (handle, _server, _) = emulate(&config("[uplink]\n[downlink]\n"));
     let bad = LinkModel {
-        rate: Some(simulations::network::TraceSource::Mahimahi {
+        rate: Some(splitee_link::network::TraceSource::Mahimahi {
             path: PathBuf::from("/nonexistent/trace.up"),
         }),
         ..LinkModel::default()

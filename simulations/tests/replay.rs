@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use burn::prelude::Device;
-use simulations::demo::{self, LocalCloud};
-use simulations::experiment::{ExperimentConfig, Player, Prepared};
-use simulations::link::LinkConfig;
 use splitee_bandits::Reported;
-use splitee_common::BackendChoice;
+use splitee_link::LinkConfig;
+use splitee_model::BackendChoice;
+use splitee_replay::experiment::{ExperimentConfig, Player, Prepared};
+use splitee_testbed::demo::{self, LocalCloud};
 use tokio_util::sync::CancellationToken;
 
 fn repo() -> PathBuf {
@@ -27,7 +27,7 @@ const INTERVAL_MS: u64 = 40;
 /// The simulator's run of `configs/demo.toml` over `configs/links/lte.toml`: the recorded
 /// confidences of the same sentences, streamed in file order at the demo's pace, on clocks
 /// running at the speeds `calibration` measured on this machine.
-fn simulated(calibration: &Calibration, dir: &Path) -> simulations::sim::RunResult {
+fn simulated(calibration: &Calibration, dir: &Path) -> splitee_replay::sim::RunResult {
     let profile = dir.join("measured.toml");
     std::fs::write(
         &profile,

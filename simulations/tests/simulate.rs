@@ -5,23 +5,23 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rand::SeedableRng;
-use simulations::clock::ClockConfig;
-use simulations::error::InputError;
-use simulations::experiment::{
-    ExperimentConfig, Hindsight, Prepared, reconvergence, replay_emulator, run_experiment,
-};
-use simulations::link::LinkConfig as EmulatorConfig;
-use simulations::matrix::{ConfidenceMatrix, MatrixFormat, SampleRow};
-use simulations::network::{
-    BaseTrace, GilbertElliott, Link, LinkQueue, Rtt, StepChange, TraceSource,
-};
-use simulations::sim::{AgentModel, Arrivals, RunResult, RunSpec, SampleOrder, Workload, run};
-use simulations::synth::{SynthSpec, generate};
 use splitee_bandits::{
     ArmSpace, Controller, CostModel, DecisionRule, ExitCheck, ExitsConfig, Fallback, PolicyConfig,
     RewardKind, RewardModel, RewardRange,
 };
-use splitee_common::protocol::PayloadEncoding;
+use splitee_link::InputError;
+use splitee_link::LinkConfig as EmulatorConfig;
+use splitee_link::network::{
+    BaseTrace, CapacitySpells, Link, LinkQueue, Rtt, StepChange, TraceSource,
+};
+use splitee_protocol::PayloadEncoding;
+use splitee_replay::clock::ClockConfig;
+use splitee_replay::experiment::{
+    ExperimentConfig, Hindsight, Prepared, reconvergence, replay_emulator, run_experiment,
+};
+use splitee_replay::matrix::{ConfidenceMatrix, MatrixFormat, SampleRow};
+use splitee_replay::sim::{AgentModel, Arrivals, RunResult, RunSpec, SampleOrder, Workload, run};
+use splitee_replay::synth::{SynthSpec, generate};
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
@@ -294,7 +294,7 @@ fn rate_traces_integrate_through_segments_and_outages() {
 
 #[test]
 fn gilbert_elliott_outages_delay_transfers() {
-    let ge = GilbertElliott {
+    let ge = CapacitySpells {
         mean_good_s: 1.0,
         mean_bad_s: 1.0,
         loss_good: 0.0,
@@ -740,7 +740,7 @@ fn a_link_emulator_config_replays_as_its_uplink_trace_delays_and_outages() {
     );
     assert_eq!(
         replay.rtt,
-        simulations::experiment::RttSource::Constant { ms: 40.0 }
+        splitee_replay::experiment::RttSource::Constant { ms: 40.0 }
     );
     assert!(replay.steps.is_empty());
     let outage = EmulatorConfig::load(&repo.join("configs/links/outage.toml")).unwrap();
@@ -897,7 +897,7 @@ fn device_presets_parse_and_the_mpnet_agents_carry_them() {
     let mut seen = 0;
     for entry in fs::read_dir(repo.join("configs/devices")).unwrap() {
         let path = entry.unwrap().path();
-        let profile = simulations::clock::load_profile(&path).unwrap();
+        let profile = splitee_replay::clock::load_profile(&path).unwrap();
         let layers = profile.layer_ms.len();
         assert!(layers == 6 || layers == 12, "{}", path.display());
         profile.validate(layers).unwrap();
@@ -910,7 +910,7 @@ fn device_presets_parse_and_the_mpnet_agents_carry_them() {
     }
     assert!(seen >= 4);
     let mpnet_layers =
-        splitee_common::BertConfig::from_file(&repo.join("models/mpnet-base/config.json"))
+        splitee_model::BertConfig::from_file(&repo.join("models/mpnet-base/config.json"))
             .unwrap()
             .num_hidden_layers;
     for (agent, profile) in [
@@ -928,11 +928,11 @@ fn device_presets_parse_and_the_mpnet_agents_carry_them() {
         ),
         ("configs/demo-mpnet.toml", "configs/devices/rpi4-mpnet.toml"),
     ] {
-        let device = simulations::experiment::AgentTables::from_file(&repo.join(agent))
+        let device = splitee_replay::experiment::AgentTables::from_file(&repo.join(agent))
             .unwrap()
             .device
             .unwrap_or_else(|| panic!("{agent} has no [device]"));
-        let preset = simulations::clock::load_profile(&repo.join(profile)).unwrap();
+        let preset = splitee_replay::clock::load_profile(&repo.join(profile)).unwrap();
         assert_eq!(device.layer_ms.len(), mpnet_layers, "{agent}");
         assert_eq!(device.layer_ms, preset.layer_ms, "{agent}");
         assert_eq!(device.embed_ms, preset.embed_ms, "{agent}");
@@ -954,9 +954,9 @@ fn every_shipped_agent_config_means_the_same_to_the_simulator() {
     for path in paths {
         let text = fs::read_to_string(&path).unwrap();
         // The demo's config gets its address and CA from the demo; the agent needs them.
-        let live = simulations::demo::agent_config_for(&text, None)
+        let live = splitee_testbed::demo::agent_config_for(&text, None)
             .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
-        let simulated = simulations::experiment::AgentTables::from_file(&path).unwrap();
+        let simulated = splitee_replay::experiment::AgentTables::from_file(&path).unwrap();
         simulated.validate().unwrap();
         let name = path.display();
         assert_eq!(simulated.arms, live.arms, "{name}");
@@ -979,14 +979,14 @@ fn every_shipped_agent_config_means_the_same_to_the_simulator() {
     }
     // A key neither the agent nor the simulator knows is an error in both.
     let typo = "[arms]\nsplits = \"exits\"\nthresholds = [0.9]\n[pipeline]\nwindw = 3\n";
-    assert!(simulations::experiment::AgentTables::from_agent_toml(typo).is_err());
+    assert!(splitee_replay::experiment::AgentTables::from_agent_toml(typo).is_err());
 }
 
 #[test]
 fn certified_arms_keep_their_bound_on_held_out_data_and_restrict_the_agent() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let text = fs::read_to_string(repo.join("configs/edge-agent.toml")).unwrap();
-    let agent = simulations::experiment::AgentTables::from_agent_toml(&text).unwrap();
+    let agent = splitee_replay::experiment::AgentTables::from_agent_toml(&text).unwrap();
     let read =
         |name: &str| ConfidenceMatrix::read_csv(&repo.join("simulations/data").join(name)).unwrap();
     // Calibrated on the dev split, held out: the test split (the same model's recordings).
@@ -996,7 +996,7 @@ fn certified_arms_keep_their_bound_on_held_out_data_and_restrict_the_agent() {
     );
     let epsilon = 0.01;
     let calibrated =
-        simulations::calibrate::calibrate(&agent, &dev, Some(&test), epsilon, 0.05).unwrap();
+        splitee_replay::calibrate::calibrate(&agent, &dev, Some(&test), epsilon, 0.05).unwrap();
     let certified: Vec<_> = calibrated.certificate.certified().collect();
     assert!(certified.len() >= 2, "{}", calibrated.table());
     let worst = calibrated.worst_held_out().unwrap();
@@ -1007,9 +1007,9 @@ fn certified_arms_keep_their_bound_on_held_out_data_and_restrict_the_agent() {
     // Written into the config, the agent and the simulator play only the certified arms.
     let written = calibrated.write_into(&text, Path::new("dev.csv")).unwrap();
     assert!(written.contains("certified by `simulations calibrate`"));
-    let live = simulations::demo::agent_config_for(&written, None).unwrap();
+    let live = splitee_testbed::demo::agent_config_for(&written, None).unwrap();
     let (space, _) = live.arms.build(6, &[1, 2, 3, 4, 5, 6]).unwrap();
     assert_eq!(space.len(), certified.len());
-    let simulated = simulations::experiment::AgentTables::from_agent_toml(&written).unwrap();
+    let simulated = splitee_replay::experiment::AgentTables::from_agent_toml(&written).unwrap();
     assert_eq!(simulated.arms, live.arms);
 }

@@ -3,10 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
-use simulations::training::{
+use splitee_model::{BackendChoice, ModelDir};
+use splitee_training::{
     Distillation, HeadSelection, Stage, Storage, Strategy, TrainConfig, Trainer,
 };
-use splitee_common::{BackendChoice, ModelDir};
 
 fn shared() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared")
@@ -52,7 +52,7 @@ fn stage(epochs: usize, learning_rate: f64) -> Stage {
     }
 }
 
-fn losses(report: &simulations::training::TrainReport, stage: &str) -> Vec<f64> {
+fn losses(report: &splitee_training::TrainReport, stage: &str) -> Vec<f64> {
     report
         .history
         .iter()
@@ -244,9 +244,9 @@ fn a_bad_config_is_rejected_with_its_reason() {
 
 #[test]
 fn record_writes_a_matrix_that_reads_back() {
-    use simulations::matrix::ConfidenceMatrix;
-    use simulations::record::record;
-    use splitee_common::dataset::Dataset;
+    use splitee_model::dataset::Dataset;
+    use splitee_replay::matrix::ConfidenceMatrix;
+    use splitee_training::record::record;
 
     let dir = tempfile::tempdir().unwrap();
     let data = Dataset::read_tsv(&subset("data/sentence-polarity/dev.tsv", 5, dir.path())).unwrap();
@@ -286,8 +286,8 @@ const MODEL_CARD_CORRECT: [usize; 12] =
 /// and that matrix — all 1,067 test sentences — gives the model card's per-exit accuracy.
 #[test]
 fn the_mpnet_exits_load_and_reproduce_the_model_card() {
-    use simulations::matrix::ConfidenceMatrix;
-    use splitee_common::fetch::{self, Source};
+    use splitee_model::fetch::{self, Source};
+    use splitee_replay::matrix::ConfidenceMatrix;
 
     const SUBSET: usize = 48;
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -315,7 +315,7 @@ fn the_mpnet_exits_load_and_reproduce_the_model_card() {
     let tmp = tempfile::tempdir().unwrap();
     let subset = subset("data/sentence-polarity/test.tsv", SUBSET, tmp.path());
     let device = BackendChoice::Flex.device().unwrap();
-    let outputs = simulations::training::evaluate(&model, &subset, &device).unwrap();
+    let outputs = splitee_training::evaluate(&model, &subset, &device).unwrap();
     assert_eq!(outputs.len(), SUBSET);
     let mut worst = 0.0f32;
     for i in 0..SUBSET {

@@ -2,9 +2,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{Policy, argmax, check_num_arms, check_update};
+use super::{Policy, check_num_arms, check_update};
 use crate::arms::ArmIndex;
 use crate::error::BanditError;
+use crate::measure::first_max_index;
 
 /// Always the same arm: a fixed split/threshold as deployed without learning.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -110,7 +111,7 @@ impl Oracle {
         if let Some(index) = means.iter().position(|m| !m.is_finite()) {
             return Err(BanditError::NonFiniteMean { index });
         }
-        let best = argmax(means.iter().copied());
+        let best = first_max_index(means.iter().copied());
         Ok(Oracle {
             means,
             best,

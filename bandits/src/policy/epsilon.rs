@@ -2,9 +2,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{Policy, argmax, check_lengths, check_num_arms, check_update};
+use super::{Policy, check_lengths, check_num_arms, check_update};
 use crate::arms::ArmIndex;
 use crate::error::BanditError;
+use crate::measure::first_max_index;
 
 /// ε-greedy: after playing every arm once (lowest index first), explore a uniformly random
 /// arm with probability `ε`, otherwise play the best empirical mean (ties: lowest index).
@@ -63,7 +64,7 @@ impl Policy for EpsilonGreedy {
         if self.rng.random::<f64>() < self.epsilon {
             ArmIndex(self.rng.random_range(0..self.counts.len()))
         } else {
-            ArmIndex(argmax(self.means.iter().copied()))
+            ArmIndex(first_max_index(self.means.iter().copied()))
         }
     }
 

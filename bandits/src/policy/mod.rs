@@ -125,7 +125,7 @@ pub enum PolicyConfig {
     },
 }
 
-/// The defaults, chosen on the simulator (README, "Structured UCB"): the smallest memory and
+/// The defaults, chosen on the simulator (docs/bandits.md, "Structured UCB"): the smallest memory and
 /// the exploration that re-converge within 100 samples after experiment 3's link changes while
 /// keeping ≥ 90 % of the best fixed arm's reward on experiment 2's traces at λ = 0.002.
 fn default_structured_c() -> f64 {
@@ -300,18 +300,4 @@ pub(crate) fn check_lengths(num_arms: usize, lengths: &[usize]) -> Result<(), Ba
             "per-arm vectors differ in length",
         ))
     }
-}
-
-/// Index of the first maximum: ties go to the lowest index.
-#[inline]
-pub(crate) fn argmax(values: impl Iterator<Item = f64>) -> usize {
-    let mut best = 0;
-    let mut best_value = f64::NEG_INFINITY;
-    for (i, v) in values.enumerate() {
-        if v > best_value {
-            best = i;
-            best_value = v;
-        }
-    }
-    best
 }

@@ -1,10 +1,10 @@
 //! Every kind of bad input gets an error frame naming the problem, and the worker keeps
 //! serving: frames are crafted byte by byte and sent on real streams.
 
-use splitee_common::protocol::{
+use splitee_protocol::{
     ErrorCode, HEADER_LEN, MAGIC, PROTOCOL_VERSION, PayloadEncoding, Response, encode_request,
 };
-use splitee_common::transport;
+use splitee_service::transport;
 
 use super::*;
 
@@ -197,8 +197,7 @@ async fn each_bad_input_gets_its_error_code_and_the_worker_keeps_serving() {
         .await
         .unwrap();
     let stalled = recv.read_to_end(1 << 16).await.unwrap();
-    let Response::Error(error) = splitee_common::protocol::decode_response(&stalled).unwrap()
-    else {
+    let Response::Error(error) = splitee_protocol::decode_response(&stalled).unwrap() else {
         panic!("a stalled request was answered")
     };
     assert_eq!(error.code, ErrorCode::Malformed);
@@ -226,7 +225,7 @@ async fn each_bad_input_gets_its_error_code_and_the_worker_keeps_serving() {
         "answered in another version's framing"
     );
     old[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
-    let Response::Error(error) = splitee_common::protocol::decode_response(&old).unwrap() else {
+    let Response::Error(error) = splitee_protocol::decode_response(&old).unwrap() else {
         panic!("an old client was answered")
     };
     assert_eq!(error.code, ErrorCode::UnsupportedVersion);

@@ -5,10 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use splitee_common::protocol::{
+use splitee_protocol::{
     ErrorCode, HEADER_LEN, Limits, MAGIC, PROTOCOL_VERSION, PayloadEncoding, Response,
 };
-use splitee_common::transport;
+use splitee_service::transport;
 
 use super::*;
 
@@ -180,8 +180,7 @@ async fn bodies_still_arriving_hold_the_connections_budget_and_no_slot() {
     let mut busy = 0;
     for answer in answers {
         if let Ok(Ok(bytes)) = answer.await {
-            let Response::Error(error) = splitee_common::protocol::decode_response(&bytes).unwrap()
-            else {
+            let Response::Error(error) = splitee_protocol::decode_response(&bytes).unwrap() else {
                 panic!("a stalled request was answered")
             };
             assert_eq!(error.code, ErrorCode::Busy);

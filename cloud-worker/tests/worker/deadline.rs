@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use splitee_common::protocol::{ErrorCode, PayloadEncoding, Response};
-use splitee_common::transport::{self, TransportError};
+use splitee_protocol::{ErrorCode, PayloadEncoding, Response};
+use splitee_service::transport::{self, TransportError};
 
 use super::*;
 

@@ -6,8 +6,8 @@
 
 use burn::prelude::*;
 use safetensors::SafeTensors;
-use splitee_common::protocol::{PayloadEncoding, decode_hidden, encode_hidden};
-use splitee_common::{Hidden, ModelDir};
+use splitee_model::{Hidden, ModelDir};
+use splitee_protocol::{PayloadEncoding, decode_hidden, encode_hidden};
 
 use super::*;
 
@@ -125,7 +125,7 @@ fn encoding_accuracy_on_the_reference_fixtures() {
         );
     }
     // f32 is lossless; the lossy bounds sit about 2× above what was measured when written
-    // (see the report in the README), so only a real regression trips them.
+    // (see the report in docs/cloud-worker.md), so only a real regression trips them.
     let [f32_err, f16_err, int8_err] = errors;
     assert_eq!((f32_err.hidden, f32_err.last_layer), (0.0, 0.0));
     let bound = |e: Errors, hidden: f32, last: f32, emb: f32| {

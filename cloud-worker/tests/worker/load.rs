@@ -3,8 +3,8 @@
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
-use splitee_common::protocol::{ErrorCode, PayloadEncoding, Response};
-use splitee_common::transport;
+use splitee_protocol::{ErrorCode, PayloadEncoding, Response};
+use splitee_service::transport;
 
 use super::*;
 
@@ -21,7 +21,7 @@ async fn sixty_four_clients_times_two_hundred_requests_complete_without_errors()
 
 /// The soak: 64 clients × 10,000 requests (640,000, several minutes here), no error and a flat
 /// resident set. `cargo test --workspace --release --test worker -- --ignored soak`; its
-/// figures are in the README ("Cloud worker", "Limits and abuse").
+/// figures are in docs/cloud-worker.md.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "minutes long; run on demand"]
 async fn soak_sixty_four_clients_times_ten_thousand_requests_with_flat_memory() {

@@ -21,12 +21,10 @@ use std::time::Duration;
 use burn::nn::LinearConfig;
 use burn::prelude::*;
 use cloud_worker::{CertOptions, GeneratedCerts, Worker, WorkerConfig};
-use splitee_common::model::ExitHead;
-use splitee_common::protocol::{
-    OffloadRequest, PayloadEncoding, ReplyOptions, Response, encode_hidden,
-};
-use splitee_common::transport::{self, Connection, Endpoint};
-use splitee_common::{LoadedModel, ModelDir, MultiExitBert};
+use splitee_model::model::ExitHead;
+use splitee_model::{LoadedModel, ModelDir, MultiExitBert};
+use splitee_protocol::{OffloadRequest, PayloadEncoding, ReplyOptions, Response, encode_hidden};
+use splitee_service::transport::{self, Connection, Endpoint};
 
 /// How long a test client waits for an answer: far beyond anything these tests should take,
 /// so that a timeout is a failure, never part of the test.
@@ -44,7 +42,7 @@ pub fn shared_dir() -> PathBuf {
 }
 
 pub fn device() -> Device {
-    splitee_common::BackendChoice::Flex.device().unwrap()
+    splitee_model::BackendChoice::Flex.device().unwrap()
 }
 
 /// MiniLM with *random* exit heads: its shipped heads are zero (uniform probabilities), which
@@ -69,7 +67,7 @@ pub struct Harness {
     pub worker: Worker,
     pub certs: GeneratedCerts,
     pub edge: MultiExitBert,
-    pub tokenizer: splitee_common::Tokenizer,
+    pub tokenizer: splitee_model::Tokenizer,
     pub fingerprint: [u8; 32],
     pub device: Device,
     _dir: tempfile::TempDir,
@@ -206,7 +204,7 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-pub fn expect_answer(response: Response) -> splitee_common::protocol::Answer {
+pub fn expect_answer(response: Response) -> splitee_protocol::Answer {
     match response {
         Response::Answer(answer) => answer,
         other => panic!("expected an answer, got {other:?}"),

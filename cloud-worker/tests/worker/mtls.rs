@@ -1,15 +1,15 @@
 //! Mutual TLS: only clients with a certificate from the configured CA get in; and clients
 //! never accept a worker whose certificate they cannot verify.
 
-use splitee_common::protocol::PayloadEncoding;
-use splitee_common::transport::{self, TransportError};
+use splitee_protocol::PayloadEncoding;
+use splitee_service::transport::{self, TransportError};
 
 use super::*;
 
 async fn try_offload(
     endpoint: &Endpoint,
     harness: &Harness,
-) -> Result<splitee_common::protocol::Response, TransportError> {
+) -> Result<splitee_protocol::Response, TransportError> {
     let connection = transport::connect(endpoint, harness.worker.local_addr(), "localhost").await?;
     let request = harness.request("hello", 5, PayloadEncoding::F32, 1);
     transport::offload(&connection, &request, TIMEOUT).await

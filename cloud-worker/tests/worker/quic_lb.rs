@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use cloud_worker::cid::QuicLbConfig;
-use splitee_common::protocol::PayloadEncoding;
+use splitee_protocol::PayloadEncoding;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use cloud_worker::StatusEndpoint;
-use splitee_common::protocol::{OffloadRequest, PayloadEncoding, ReplyOptions, encode_hidden};
+use splitee_protocol::{OffloadRequest, PayloadEncoding, ReplyOptions, encode_hidden};
 
 use super::*;
 

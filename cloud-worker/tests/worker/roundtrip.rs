@@ -1,8 +1,8 @@
 //! Answers equal the whole model run locally.
 
 use futures::future::join_all;
-use splitee_common::protocol::{PayloadEncoding, ReplyOptions, Response};
-use splitee_common::transport;
+use splitee_protocol::{PayloadEncoding, ReplyOptions, Response};
+use splitee_service::transport;
 
 use super::*;
 

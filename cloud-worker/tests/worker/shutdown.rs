@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use splitee_common::protocol::{ErrorCode, PayloadEncoding, Response};
-use splitee_common::transport;
+use splitee_protocol::{ErrorCode, PayloadEncoding, Response};
+use splitee_service::transport;
 
 use super::*;
 

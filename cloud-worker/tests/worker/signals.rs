@@ -5,8 +5,8 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use splitee_common::protocol::{PayloadEncoding, Response};
-use splitee_common::transport;
+use splitee_protocol::{PayloadEncoding, Response};
+use splitee_service::transport;
 
 use super::*;
 

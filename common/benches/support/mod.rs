@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use burn::prelude::*;
-use splitee_common::BertConfig;
+use splitee_model::BertConfig;
 
 /// Enough repetitions for a stable median on a noisy shared machine.
 pub const MIN_RUNS: usize = 15;

@@ -2,8 +2,8 @@
 //!
 //! Why not burn's `gelu`: flex evaluates it one element at a time through libm's scalar
 //! `erff`, which made GELU a quarter of a MiniLM layer's time at 64–128 tokens, and the bias
-//! of the projection before it is one more pass over the same activations (README,
-//! "Performance"). On flex a tensor's data moves out and back without a copy, so here both
+//! of the projection before it is one more pass over the same activations (docs/performance.md).
+//! On flex a tensor's data moves out and back without a copy, so here both
 //! run in one loop that the compiler vectorises (AVX2/FMA or NEON where the CPU has them,
 //! chosen at run time), split over rayon's threads. Every other device — GPUs, ndarray, and
 //! the autodiff device that trains the exits — keeps burn's own ops, so gradients and

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use burn::nn::LinearConfig;
 use burn::prelude::*;
-use splitee_common::model::{ExitHead, Hidden};
-use splitee_common::{ModelDir, MultiExitBert};
+use splitee_model::model::{ExitHead, Hidden};
+use splitee_model::{ModelDir, MultiExitBert};
 
 use super::*;
 

@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use burn::prelude::*;
-use splitee_common::BackendChoice;
-use splitee_common::fetch::{self, Source};
+use splitee_model::BackendChoice;
+use splitee_model::fetch::{self, Source};
 
 /// `../shared` seen from the repository root, which is where the README says tests read it.
 pub fn shared_dir() -> PathBuf {
@@ -71,7 +71,7 @@ pub fn cpu_devices() -> Vec<(BackendChoice, Device)> {
 /// driver that runs on the CPU). Any adapter counts, software ones included.
 #[cfg(feature = "wgpu")]
 pub fn gpu_device() -> (BackendChoice, Device) {
-    let adapter = splitee_common::device::gpu_adapter().unwrap_or_else(|why| {
+    let adapter = splitee_model::device::gpu_adapter().unwrap_or_else(|why| {
         panic!("built with the wgpu feature but no wgpu adapter is usable: {why}")
     });
     println!("wgpu adapter: {adapter}");

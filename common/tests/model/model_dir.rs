@@ -1,7 +1,7 @@
 //! Model directories: where the weights are found, and the identity that edge and cloud compare.
 
-use splitee_common::ModelDir;
-use splitee_common::fetch::{self, BackboneSpec};
+use splitee_model::ModelDir;
+use splitee_model::fetch::{self, BackboneSpec};
 
 use super::*;
 
@@ -108,15 +108,15 @@ fn a_missing_or_ambiguous_backbone_is_an_error() {
 #[test]
 fn exits_saved_beside_a_fetched_backbone_name_it() {
     use burn::module::Module;
-    use splitee_common::weights::StorageDType;
-    use splitee_common::{ExitConfig, save_exits};
+    use splitee_model::weights::StorageDType;
+    use splitee_model::{ExitConfig, save_exits};
 
     let base = ModelDir::open(&mpnet_dir()).unwrap();
     let device = BackendChoice::Flex.device().unwrap();
     let mut exits = ExitConfig::every_layer(12, 2);
     exits.layers = vec![3, 12];
     exits.labels = vec!["negative".into(), "positive".into()];
-    let mut heads = splitee_common::model::ExitHeads::init(768, &exits, &device);
+    let mut heads = splitee_model::model::ExitHeads::init(768, &exits, &device);
     assert_eq!(heads.num_params(), 2 * (768 * 2 + 2));
     // Weights of their own (init's are zeros), so that reading them back shows they are these.
     for (index, head) in heads.heads.iter_mut().enumerate() {

@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 
 use safetensors::SafeTensors;
-use splitee_common::model::pool;
-use splitee_common::{Hidden, ModelDir, Pooling};
+use splitee_model::model::pool;
+use splitee_model::{Hidden, ModelDir, Pooling};
 
 use super::*;
 

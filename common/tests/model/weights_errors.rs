@@ -6,9 +6,9 @@ use std::path::Path;
 use burn::nn::LinearConfig;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
-use splitee_common::model::{ExitHead, ExitHeads};
-use splitee_common::weights::{self, StorageDType};
-use splitee_common::{ExitConfig, Family, ModelDir};
+use splitee_model::model::{ExitHead, ExitHeads};
+use splitee_model::weights::{self, StorageDType};
+use splitee_model::{ExitConfig, Family, ModelDir};
 
 use super::*;
 

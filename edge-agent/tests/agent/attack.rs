@@ -11,10 +11,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use splitee_common::protocol::{
-    self, Limits, MAGIC, OffloadRequest, PROTOCOL_VERSION, PayloadEncoding, ReplyOptions,
+use splitee_protocol::{
+    self as protocol, Limits, MAGIC, OffloadRequest, PROTOCOL_VERSION, PayloadEncoding,
+    ReplyOptions,
 };
-use splitee_common::transport::{self, Connection};
+use splitee_service::transport::{self, Connection};
 use tokio::task::JoinSet;
 
 use super::*;

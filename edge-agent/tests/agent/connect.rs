@@ -45,7 +45,7 @@ async fn another_models_agent_learns_it_once_at_connect_and_answers_on_the_devic
     // Every stream the worker saw was a hello it refused (one per look, at the longest
     // backoff), none a sample sent to be refused.
     let metrics = worker.metrics();
-    let refused = metrics.errors(splitee_common::protocol::ErrorCode::WrongFingerprint);
+    let refused = metrics.errors(splitee_protocol::ErrorCode::WrongFingerprint);
     assert_eq!(
         metrics.requests.get(),
         refused,

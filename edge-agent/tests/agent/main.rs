@@ -17,7 +17,7 @@ use cloud_worker::GeneratedCerts;
 use edge_agent::input::InputRecord;
 use edge_agent::metrics::Metrics;
 use edge_agent::{Agent, AgentConfig, Answered, SampleRecord, Summary};
-use splitee_common::{LoadedModel, ModelDir};
+use splitee_model::{LoadedModel, ModelDir};
 use tokio_util::sync::CancellationToken;
 
 #[path = "../support/mod.rs"]
@@ -99,10 +99,6 @@ fn assert_each_answered_once(records: &[SampleRecord], samples: usize) {
     }
 }
 
-fn argmax(probs: &[f32]) -> u32 {
-    splitee_bandits::argmax(probs)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offloading_at_every_split_matches_the_local_model_and_alpha_zero_matches_the_exit() {
     let dir = tempfile::tempdir().unwrap();
@@ -136,7 +132,7 @@ async fn offloading_at_every_split_matches_the_local_model_and_alpha_zero_matche
             assert_eq!(record.exit_layer, Some(6));
             assert_eq!(
                 record.prediction,
-                Some(argmax(expected)),
+                Some(splitee_bandits::argmax(expected)),
                 "split {split}, {record:?}"
             );
             let confidence = record.confidence.unwrap();
@@ -168,7 +164,7 @@ async fn offloading_at_every_split_matches_the_local_model_and_alpha_zero_matche
             assert_eq!(record.exit_layer, Some(layer));
             assert_eq!(
                 record.prediction,
-                Some(argmax(&local_probs(&local, text, layer)))
+                Some(splitee_bandits::argmax(&local_probs(&local, text, layer)))
             );
             assert_eq!(record.bytes_sent, 0);
         }

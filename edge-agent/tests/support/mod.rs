@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use burn::prelude::*;
 use cloud_worker::{CertOptions, GeneratedCerts, Worker, WorkerConfig};
 use edge_agent::input::{self, InputRecord};
-use splitee_common::{BackendChoice, LoadedModel, ModelDir};
+use splitee_model::{BackendChoice, LoadedModel, ModelDir};
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
