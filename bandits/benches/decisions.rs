@@ -2,12 +2,16 @@
 //! 12, 60 and 240 arms; and of one whole sample through the controller as a driver runs it
 //! (`select`, a device pass over recorded exit probabilities, `settle` with measured costs:
 //! everything the structured policy learns from a sample) on 18 arms, 6 splits × 3 thresholds.
-//! Criterion reports it as elements/s = decisions/s.
+//! Prints one markdown table: decisions (or samples) per second, the median of five timed
+//! rounds after a warm-up.
+//!
+//! A plain bench binary rather than criterion: criterion's dependencies turn on default
+//! features of crates burn shares, so as a dev-dependency it made `cargo test` rebuild burn
+//! after `cargo build` (`simulations/tests/architecture.rs` now holds the two builds equal).
 
 use std::hint::black_box;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use splitee_bandits::{
@@ -18,7 +22,37 @@ use splitee_bandits::{
 /// Rewards are drawn up front so the benchmark measures the policy, not a random generator.
 const REWARDS: usize = 4096;
 
-fn decisions(c: &mut Criterion) {
+const WARM_UP: Duration = Duration::from_millis(300);
+const ROUND: Duration = Duration::from_millis(400);
+const ROUNDS: usize = 5;
+
+/// Calls of `step` per second: the median over [`ROUNDS`] rounds of [`ROUND`] each, after
+/// [`WARM_UP`]. The clock is read once per batch of calls so that reading it costs nothing
+/// next to a decision.
+fn per_second(mut step: impl FnMut()) -> f64 {
+    const BATCH: u32 = 1024;
+    let mut run_for = |budget: Duration| {
+        let start = Instant::now();
+        let mut calls = 0u64;
+        while start.elapsed() < budget {
+            for _ in 0..BATCH {
+                step();
+            }
+            calls += u64::from(BATCH);
+        }
+        calls as f64 / start.elapsed().as_secs_f64()
+    };
+    run_for(WARM_UP);
+    let mut rates: Vec<f64> = (0..ROUNDS).map(|_| run_for(ROUND)).collect();
+    rates.sort_by(f64::total_cmp);
+    rates[ROUNDS / 2]
+}
+
+fn row(group: &str, name: &str, arms: usize, rate: f64) {
+    println!("| {group} | {name} | {arms} | {:.2} M/s |", rate / 1e6);
+}
+
+fn decisions() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let rewards: Vec<f64> = (0..REWARDS).map(|_| rng.random()).collect();
     let policies = [
@@ -46,10 +80,6 @@ fn decisions(c: &mut Criterion) {
             },
         ),
     ];
-    let mut group = c.benchmark_group("decisions");
-    group.throughput(Throughput::Elements(1));
-    group.warm_up_time(Duration::from_millis(500));
-    group.measurement_time(Duration::from_secs(2));
     for arms in [12usize, 60, 240] {
         for (name, config) in &policies {
             let mut policy = config.build(arms, RewardRange::default()).unwrap();
@@ -60,29 +90,27 @@ fn decisions(c: &mut Criterion) {
             }
             let side = policy.uses_side_information();
             let mut t = 0usize;
-            group.bench_function(BenchmarkId::new(*name, arms), |b| {
-                b.iter(|| {
-                    let arm = policy.select();
-                    let r = rewards[t % REWARDS];
-                    t = t.wrapping_add(1);
-                    policy.update(arm, r).unwrap();
-                    if side {
-                        // SplitEE-S learns every shallower arm; model that worst case.
-                        for shallower in 0..arm.0 {
-                            policy.update_side(ArmIndex(shallower), r).unwrap();
-                        }
+            let rate = per_second(|| {
+                let arm = policy.select();
+                let r = rewards[t % REWARDS];
+                t = t.wrapping_add(1);
+                policy.update(arm, r).unwrap();
+                if side {
+                    // SplitEE-S learns every shallower arm; model that worst case.
+                    for shallower in 0..arm.0 {
+                        policy.update_side(ArmIndex(shallower), r).unwrap();
                     }
-                    black_box(arm)
-                })
+                }
+                black_box(arm);
             });
+            row("select + update", name, arms, rate);
         }
     }
-    group.finish();
 }
 
 /// One sample through the controller: the unit the structured policy must be measured in, as
 /// its learning happens in `settle` (every revealed arm, the link model), not in `update`.
-fn samples(c: &mut Criterion) {
+fn samples() {
     let layers = 6;
     let mut rng = ChaCha8Rng::seed_from_u64(9);
     // Exit probabilities of 4096 samples, confidence rising with depth.
@@ -109,10 +137,6 @@ fn samples(c: &mut Criterion) {
             },
         ),
     ];
-    let mut group = c.benchmark_group("samples");
-    group.throughput(Throughput::Elements(1));
-    group.warm_up_time(Duration::from_millis(500));
-    group.measurement_time(Duration::from_secs(2));
     for (name, config) in &policies {
         let space = ArmSpace::grid(layers, &exit_layers, &[0.8, 0.9, 0.95]).unwrap();
         let reward = RewardModel::new(RewardKind::SplitEe, CostModel::measured(0.002).unwrap());
@@ -123,36 +147,38 @@ fn samples(c: &mut Criterion) {
             .device_pass(&exit_layers, ExitsConfig::default(), true)
             .unwrap();
         let mut t = 0usize;
-        group.bench_function(BenchmarkId::new(*name, 18), |b| {
-            b.iter(|| {
-                let row = &rows[t % REWARDS];
-                t = t.wrapping_add(1);
-                let (index, arm) = controller.select();
-                pass.start(arm);
-                let decision = loop {
-                    let layer = pass.next_layer().unwrap();
-                    let probs = pass.wants_head(layer).then(|| &row[layer - 1][..]);
-                    if let Step::Done(d) = pass.observe(layer, probs, 8.0 * layer as f64).unwrap() {
-                        break d;
-                    }
-                };
-                let outcome = match decision {
-                    Decision::Exit { layer } => Reported::Exited { layer },
-                    Decision::Offload { after } => Reported::Answered(CloudAnswered {
-                        after,
-                        exit_layer: layers,
-                        confidence: pass.answer_confidence(&row[layers - 1]),
-                        round_trip_ms: 40.0 + (t % 13) as f64,
-                        cloud_compute_ms: 3.0,
-                        bytes_sent: 20_000,
-                    }),
-                };
-                black_box(controller.settle(&pass.report(index, 24, outcome)).unwrap())
-            })
+        let rate = per_second(|| {
+            let row = &rows[t % REWARDS];
+            t = t.wrapping_add(1);
+            let (index, arm) = controller.select();
+            pass.start(arm);
+            let decision = loop {
+                let layer = pass.next_layer().unwrap();
+                let probs = pass.wants_head(layer).then(|| &row[layer - 1][..]);
+                if let Step::Done(d) = pass.observe(layer, probs, 8.0 * layer as f64).unwrap() {
+                    break d;
+                }
+            };
+            let outcome = match decision {
+                Decision::Exit { layer } => Reported::Exited { layer },
+                Decision::Offload { after } => Reported::Answered(CloudAnswered {
+                    after,
+                    exit_layer: layers,
+                    confidence: pass.answer_confidence(&row[layers - 1]),
+                    round_trip_ms: 40.0 + (t % 13) as f64,
+                    cloud_compute_ms: 3.0,
+                    bytes_sent: 20_000,
+                }),
+            };
+            black_box(controller.settle(&pass.report(index, 24, outcome)).unwrap());
         });
+        row("one sample through the controller", name, 18, rate);
     }
-    group.finish();
 }
 
-criterion_group!(benches, decisions, samples);
-criterion_main!(benches);
+fn main() {
+    println!("| unit | policy | arms | per second (median of {ROUNDS} rounds) |");
+    println!("|---|---|---|---|");
+    decisions();
+    samples();
+}

@@ -158,7 +158,10 @@ enum LinkState {
         /// What the worker allows this connection.
         welcome: Welcome,
     },
-    Connecting,
+    /// An attempt is under way; `after` is why the previous one failed (`None` at start),
+    /// which still stands for the samples that meet the attempt: a worker that refused this
+    /// model a moment ago most likely still does.
+    Connecting { after: Option<String> },
     Down {
         retry_at: Instant,
         /// The wait after the next failed attempt.
@@ -231,7 +234,7 @@ impl CloudLink {
                 window,
                 silence: several.then(|| config.failover_silence()),
                 busy_cooldown: config.busy_cooldown(),
-                state: Mutex::new(LinkState::Connecting),
+                state: Mutex::new(LinkState::Connecting { after: None }),
                 busy_until: Mutex::new(None),
                 in_flight: AtomicUsize::new(0),
                 last_failure: Mutex::new(None),
@@ -623,7 +626,10 @@ impl WorkerLink {
                     Err(OffloadFailure::Unreachable(reason))
                 }
             },
-            LinkState::Connecting => Err(OffloadFailure::Unreachable("reconnecting".into())),
+            LinkState::Connecting { after } => Err(OffloadFailure::Unreachable(match after {
+                Some(reason) => format!("{reason} (reconnecting)"),
+                None => "connecting".into(),
+            })),
             LinkState::Down {
                 retry_at,
                 backoff,
@@ -632,7 +638,9 @@ impl WorkerLink {
                 let (due, backoff, reason) =
                     (Instant::now() >= *retry_at, *backoff, reason.clone());
                 if due {
-                    *state = LinkState::Connecting;
+                    *state = LinkState::Connecting {
+                        after: Some(reason.clone()),
+                    };
                     drop(state);
                     let link = self.clone();
                     tokio::spawn(async move { link.reconnect(backoff).await });

@@ -12,7 +12,7 @@ use splitee_bandits::{
     ArmSpace, Controller, CostModel, DecisionRule, ExitsConfig, PolicyConfig, RewardKind,
     RewardModel, RewardRange,
 };
-use splitee_link::network::{BaseTrace, Link, Rtt};
+use splitee_link::{BaseTrace, Link, Rtt};
 use splitee_protocol::PayloadEncoding;
 use splitee_replay::clock::ClockConfig;
 use splitee_replay::sim::{AgentModel, Arrivals, RunSpec, SampleOrder, Workload, run};

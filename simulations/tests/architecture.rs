@@ -6,8 +6,11 @@
 //!   each crate only depends on crates listed before it.
 //! * The sans-I/O crates have no tensor library and no async runtime among everything they
 //!   pull in: a policy study or a protocol fuzzer builds in seconds and runs anywhere.
+//! * The README's two commands share one build: no dev-dependency changes the features of a
+//!   crate the binaries use, or `cargo test` after `cargo build` would rebuild it (and burn
+//!   with it, ~10 min).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
 /// Each workspace crate with the workspace crates it may depend on, in dependency order.
@@ -75,28 +78,60 @@ const SANS_IO: &[&str] = &[
 ];
 const NOT_IN_SANS_IO: &[&str] = &["burn", "tokio", "quinn", "wgpu"];
 
-/// Package names in `cargo tree -p <package> -e normal`, up to `depth` (all when `None`).
-fn tree(package: &str, depth: Option<u32>) -> BTreeSet<String> {
-    let mut command = Command::new(env!("CARGO"));
-    command
+/// The lines `cargo tree --prefix none <args>` prints, run in the workspace root.
+fn cargo_tree(args: &[&str]) -> Vec<String> {
+    let output = Command::new(env!("CARGO"))
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-        .args(["tree", "-p", package, "-e", "normal", "--prefix", "none"])
-        .args(["-f", "{p}"]);
-    if let Some(depth) = depth {
-        command.args(["--depth", &depth.to_string()]);
-    }
-    let output = command.output().expect("cargo runs");
+        .args(["tree", "--prefix", "none"])
+        .args(args)
+        .output()
+        .expect("cargo runs");
     assert!(
         output.status.success(),
-        "cargo tree -p {package}: {}",
+        "cargo tree {args:?}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8(output.stdout)
         .expect("cargo tree prints UTF-8")
         .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Package names in `cargo tree -p <package> -e normal`, up to `depth` (all when `None`).
+fn tree(package: &str, depth: Option<u32>) -> BTreeSet<String> {
+    let depth = depth.map(|d| d.to_string());
+    let mut args = vec!["-p", package, "-e", "normal", "-f", "{p}"];
+    if let Some(depth) = &depth {
+        args.extend(["--depth", depth]);
+    }
+    cargo_tree(&args)
+        .iter()
         .filter_map(|line| line.split_whitespace().next())
         .map(str::to_owned)
         .collect()
+}
+
+/// Every package of the workspace build with the feature sets it is compiled with, over the
+/// given kinds of dependency edges.
+fn features(edges: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let mut packages: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    // With several roots `cargo tree` separates their trees by an empty line.
+    for line in cargo_tree(&["--workspace", "-e", edges, "-f", "{p}|{f}"])
+        .into_iter()
+        .filter(|line| !line.is_empty())
+    {
+        let (package, features) = line.split_once('|').expect("the format has a `|`");
+        // `{p}` is `name vX.Y.Z`, then the path of a local package; `(*)` marks a repeat.
+        let package = package
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ");
+        let features = features.trim_end_matches(" (*)").trim().to_owned();
+        packages.entry(package).or_default().insert(features);
+    }
+    packages
 }
 
 #[test]
@@ -141,4 +176,21 @@ fn sans_io_crates_pull_in_no_tensor_library_and_no_runtime() {
             everything.len()
         );
     }
+}
+
+#[test]
+fn tests_build_every_crate_of_the_binaries_with_the_same_features() {
+    let build = features("normal");
+    let test = features("normal,dev");
+    let changed: Vec<String> = build
+        .iter()
+        .filter(|(package, features)| test.get(*package) != Some(*features))
+        .map(|(package, features)| format!("{package}: {features:?} → {:?}", test.get(package)))
+        .collect();
+    assert!(
+        changed.is_empty(),
+        "dev-dependencies change the features of crates the binaries use, so `cargo test` \
+         recompiles them after `cargo build`:\n{}",
+        changed.join("\n")
+    );
 }

@@ -11,9 +11,7 @@ use splitee_bandits::{
 };
 use splitee_link::InputError;
 use splitee_link::LinkConfig as EmulatorConfig;
-use splitee_link::network::{
-    BaseTrace, CapacitySpells, Link, LinkQueue, Rtt, StepChange, TraceSource,
-};
+use splitee_link::{BaseTrace, CapacitySpells, Link, LinkQueue, Rtt, StepChange, TraceSource};
 use splitee_protocol::PayloadEncoding;
 use splitee_replay::clock::ClockConfig;
 use splitee_replay::experiment::{

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::network::{BaseTrace, TraceSource};
+use crate::{BaseTrace, TraceSource};
 
 /// One direction of the link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -127,7 +127,7 @@ pub enum Loss {
 /// Bursty loss per datagram: a Gilbert–Elliott chain stepped once per datagram (netem's
 /// `gemodel`): a datagram is lost with its state's loss probability, then the state changes
 /// with its state's transition probability. The replay's counterpart over time, which scales
-/// capacity instead of dropping datagrams, is [`crate::network::CapacitySpells`].
+/// capacity instead of dropping datagrams, is [`crate::CapacitySpells`].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BurstLoss {

@@ -1,9 +1,9 @@
 //! splitee's link models, sans I/O: what a network link between an edge and the cloud does to
-//! the bytes on it, in time given as an input. One vocabulary of traces ([`network::TraceSource`],
-//! [`network::BaseTrace`]) is read by both models that use it:
+//! the bytes on it, in time given as an input. One vocabulary of traces ([`TraceSource`],
+//! [`BaseTrace`]: `trace.rs`) is read by both models that use it:
 //!
-//! * [`network`]: the simulator's fluid uplink ([`network::Link`]: a base trace, capacity steps,
-//!   [`network::CapacitySpells`], an RTT), in simulated milliseconds;
+//! * the simulator's fluid uplink ([`Link`]: a base trace, capacity [`StepChange`]s and
+//!   [`CapacitySpells`], an [`Rtt`]; `uplink.rs`), in simulated milliseconds;
 //! * [`Shaper`]: the link emulator's per-datagram model of one direction (datagram arrival time
 //!   and size in, delivery time or drop out), driven by the UDP relay of `splitee-testbed`,
 //!   for kernels without netem. Configs are TOML ([`LinkConfig`], `configs/links/*.toml`).
@@ -32,7 +32,7 @@
 //!      link; a datagram of `B` bytes leaves when the link has carried `8·B` bits since the
 //!      previous one left (or since it arrived, if the link was idle).
 //!
-//!    The trace files are read by [`network::BaseTrace`]; a trace's time 0 is the
+//!    The trace files are read by [`BaseTrace`]; a trace's time 0 is the
 //!    moment its model becomes active (the emulator's start, or a switch).
 //!
 //!    `queue = { packets = N, bytes = B }` (either or both; omitted: unbounded) is a drop-tail
@@ -103,8 +103,9 @@
 
 mod config;
 mod input;
-pub mod network;
 mod shaper;
+mod trace;
+mod uplink;
 
 pub use config::{
     BurstLoss, Direction, Directions, LinkConfig, LinkModel, LoadedLinkModel, Loss, Outage,
@@ -112,3 +113,5 @@ pub use config::{
 };
 pub use input::{HeaderCsv, InputError};
 pub use shaper::{Delivery, DirectionStats, DropCause, Shaper};
+pub use trace::{BaseTrace, MTU_BYTES, TraceSource, packets};
+pub use uplink::{CapacitySpells, Link, LinkQueue, Rtt, StepChange};

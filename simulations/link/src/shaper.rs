@@ -3,7 +3,7 @@
 //! Time is a [`Duration`] since the link started. Each accepted datagram is given its
 //! departure from the bottleneck when it arrives. The link's capacity is a cumulative function
 //! `C(t)`, the bits it can carry from its trace's start to `t`
-//! ([`crate::network::BaseTrace::capacity_bits`]). A datagram of `b` bits that arrives at `a`
+//! ([`crate::BaseTrace::capacity_bits`]). A datagram of `b` bits that arrives at `a`
 //! ends at capacity mark `end = max(end of the previous datagram, C(a)) + b` and leaves at the
 //! first time `t` with `C(t) ≥ end`. For a Mahimahi trace `C` is a step of 12,000 bits per delivery opportunity,
 //! so this is exactly `mm-link`'s packing of bytes into opportunities, with idle opportunities

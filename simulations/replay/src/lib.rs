@@ -2,7 +2,7 @@
 //! conditions, driving the same `splitee_bandits` code as the live edge agent.
 //!
 //! Recorded per-exit confidences ([`matrix`]) are replayed against device and cloud clocks
-//! ([`clock`]) and an uplink model (`splitee_link::network`: constant, Mahimahi packet traces,
+//! ([`clock`]) and an uplink model (`splitee_link::Link`: constant, Mahimahi packet traces,
 //! per-second throughput traces, capacity spells, step changes) in simulated time ([`sim`]).
 //! [`experiment`] sweeps policies × links × λ/o × seeds in parallel from a TOML file and
 //! writes CSVs, plots ([`plots`]) and a markdown report. [`synth`] generates a clearly

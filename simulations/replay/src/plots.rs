@@ -5,10 +5,13 @@
 //! Linux paths. Without one, plots are drawn without any text (axes, captions and legends
 //! need glyphs) and a warning says so; the CSVs carry the same data.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use plotters::coord::Shift;
+use plotters::coord::cartesian::Cartesian2d;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 const SIZE: (u32, u32) = (1100, 650);
@@ -96,6 +99,37 @@ fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
+/// A titled chart with one pair of axes on a white background, its mesh and axis names drawn
+/// when a font was found: the frame of [`regret`] and [`tradeoff`].
+fn single_axis_chart<'a, DB: DrawingBackend>(
+    root: &'a DrawingArea<DB, Shift>,
+    title: &str,
+    (x, y): (Range<f64>, Range<f64>),
+    (x_desc, y_desc): (&str, &str),
+    text: bool,
+) -> anyhow::Result<ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>> {
+    root.fill(&WHITE).map_err(err)?;
+    let mut builder = ChartBuilder::on(root);
+    builder.margin(15);
+    if text {
+        builder
+            .caption(title, (FONT, 20))
+            .x_label_area_size(45)
+            .y_label_area_size(70);
+    }
+    let mut chart = builder.build_cartesian_2d(x, y).map_err(err)?;
+    if text {
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc(y_desc)
+            .label_style((FONT, 14))
+            .draw()
+            .map_err(err)?;
+    }
+    Ok(chart)
+}
+
 /// Cumulative regret per policy.
 pub fn regret(
     stem: &Path,
@@ -123,26 +157,13 @@ pub fn regret(
         (lo, hi): (f64, f64),
         text: bool,
     ) -> anyhow::Result<()> {
-        root.fill(&WHITE).map_err(err)?;
-        let mut b = ChartBuilder::on(root);
-        b.margin(15);
-        if text {
-            b.caption(title, (FONT, 20))
-                .x_label_area_size(45)
-                .y_label_area_size(70);
-        }
-        let mut chart = b
-            .build_cartesian_2d(0f64..len as f64, lo..hi)
-            .map_err(err)?;
-        if text {
-            chart
-                .configure_mesh()
-                .x_desc("samples")
-                .y_desc("cumulative pseudo-regret")
-                .label_style((FONT, 14))
-                .draw()
-                .map_err(err)?;
-        }
+        let mut chart = single_axis_chart(
+            root,
+            title,
+            (0f64..len as f64, lo..hi),
+            ("samples", "cumulative pseudo-regret"),
+            text,
+        )?;
         for (i, (name, c)) in curves.iter().enumerate() {
             let col = color(i);
             let stride = (c.len() / 2000).max(1);
@@ -212,24 +233,13 @@ pub fn tradeoff(
         (x0, x1, y0, y1): (f64, f64, f64, f64),
         text: bool,
     ) -> anyhow::Result<()> {
-        root.fill(&WHITE).map_err(err)?;
-        let mut b = ChartBuilder::on(root);
-        b.margin(15);
-        if text {
-            b.caption(title, (FONT, 20))
-                .x_label_area_size(45)
-                .y_label_area_size(70);
-        }
-        let mut chart = b.build_cartesian_2d(x0..x1, y0..y1).map_err(err)?;
-        if text {
-            chart
-                .configure_mesh()
-                .x_desc("cost per sample (reward units before λ)")
-                .y_desc("accuracy")
-                .label_style((FONT, 14))
-                .draw()
-                .map_err(err)?;
-        }
+        let mut chart = single_axis_chart(
+            root,
+            title,
+            (x0..x1, y0..y1),
+            ("cost per sample (reward units before λ)", "accuracy"),
+            text,
+        )?;
         for (i, (name, pts)) in points.iter().enumerate() {
             let col = color(i);
             let s = chart

@@ -48,7 +48,7 @@ use splitee_protocol::ReplyOptions;
 
 use crate::clock::Clocks;
 use crate::matrix::ConfidenceMatrix;
-use splitee_link::network::{Link, LinkQueue};
+use splitee_link::{Link, LinkQueue};
 
 const UNKNOWN: u32 = u32::MAX;
 

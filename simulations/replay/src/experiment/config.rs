@@ -12,7 +12,7 @@ use crate::clock::ClockConfig;
 use crate::matrix::MatrixFormat;
 use crate::sim::{Arrivals, SampleOrder};
 use splitee_link::LinkConfig as EmulatorConfig;
-use splitee_link::network::{CapacitySpells, StepChange, TraceSource};
+use splitee_link::{CapacitySpells, StepChange, TraceSource};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

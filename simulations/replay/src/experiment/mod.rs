@@ -88,7 +88,7 @@ pub use report::run_experiment;
 use crate::clock::ClockConfig;
 use crate::matrix::ConfidenceMatrix;
 use crate::sim::{self, AgentModel, RunResult, RunSpec, Workload};
-use splitee_link::network::{BaseTrace, Link, Rtt, StepChange};
+use splitee_link::{BaseTrace, Link, Rtt, StepChange};
 
 impl MatrixSource {
     /// Reads the matrix (from `path`, when given, instead of the config's) and places its
