@@ -58,7 +58,6 @@ const LAYERS: &[(&str, &[&str])] = &[
         "simulations",
         &[
             "edge-agent",
-            "splitee-bandits",
             "splitee-link",
             "splitee-model",
             "splitee-replay",

@@ -2,6 +2,10 @@
 
 use super::*;
 
+/// Relay tests measure wall-clock delays, so they run one at a time: on a 2-core machine two
+/// of them at once (each with its runtime and paced senders) make each other's datagrams late.
+static REAL_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn loopback() -> std::net::SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
@@ -131,6 +135,7 @@ fn mbit_s(arrivals: &[Arrival], from_ms: f64, to_ms: f64) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_goodput_tracks_the_mahimahi_trace() {
+    let _alone = REAL_TIME.lock().await;
     let link = config(&format!(
         "[uplink]\nrate = {{ kind = \"mahimahi\", path = \"{LTE_UP}\" }}\nqueue = {{ packets = 100 }}\n[downlink]\n"
     ));
@@ -175,6 +180,7 @@ async fn relay_goodput_tracks_the_mahimahi_trace() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_delay_and_jitter_match_per_direction() {
+    let _alone = REAL_TIME.lock().await;
     let link = config(
         "[uplink]\ndelay_ms = 30\njitter_ms = 10\n[downlink]\ndelay_ms = 10\njitter_ms = 4\n",
     );
@@ -240,6 +246,7 @@ async fn relay_delay_and_jitter_match_per_direction() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_loss_rates_match_per_direction() {
+    let _alone = REAL_TIME.lock().await;
     let link = config(
         r#"
         seed = 11
@@ -292,6 +299,7 @@ async fn relay_loss_rates_match_per_direction() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_outage_drops_everything_then_traffic_resumes() {
+    let _alone = REAL_TIME.lock().await;
     let link = config("[uplink]\n[downlink]\n[[outages]]\nat_s = 1.0\nduration_s = 1.0\n");
     let (handle, server, origin) = emulate(&link);
     let received = Receiver::start(server, origin, false);
@@ -331,6 +339,7 @@ async fn relay_outage_drops_everything_then_traffic_resumes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_outage_at_run_time_cuts_the_chosen_direction() {
+    let _alone = REAL_TIME.lock().await;
     let (handle, server, origin) = emulate(&config("[uplink]\n[downlink]\n"));
     let at_server = Receiver::start(server, origin, true);
     let client = socket();
@@ -379,6 +388,7 @@ async fn relay_outage_at_run_time_cuts_the_chosen_direction() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_rate_follows_scheduled_and_run_time_switches() {
+    let _alone = REAL_TIME.lock().await;
     let link = config(
         r#"
         [uplink]
@@ -434,6 +444,7 @@ async fn relay_rate_follows_scheduled_and_run_time_switches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_keeps_clients_apart() {
+    let _alone = REAL_TIME.lock().await;
     let (handle, server, origin) = emulate(&config(
         "[uplink]\ndelay_ms = 5\n[downlink]\ndelay_ms = 5\n",
     ));
