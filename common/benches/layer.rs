@@ -63,7 +63,8 @@ fn main() {
         &mpnet_config,
         &ExitConfig::every_layer(mpnet_config.num_hidden_layers, 2),
         &device,
-    );
+    )
+    .pack_weights();
     let models = [("minilm", &minilm), ("mpnet", &mpnet)];
     match output {
         Output::Json | Output::Table => {
@@ -243,11 +244,11 @@ fn profile_layer(
     let heads = self_attention.project(x.clone());
     let context = self_attention.attend(heads.clone(), None, bias);
     let attention_out = &layer.attention.output;
-    let projected = attention_out.dense.forward(context.clone());
+    let projected = attention_out.project(context.clone());
     let attended = attention_out.forward(context.clone(), x.clone());
     let inner = layer.expand(attended.clone());
     let up = layer.intermediate.dense.forward(attended.clone());
-    let down = layer.output.dense.forward(inner.clone());
+    let down = layer.output.project(inner.clone());
 
     let [batch, seq, _] = x.dims();
     let rows = |t: &Tensor<3>| {
@@ -278,7 +279,7 @@ fn profile_layer(
         (
             Part::Step,
             "attention output projection",
-            time(&|| drop(attention_out.dense.forward(context.clone()))),
+            time(&|| drop(attention_out.project(context.clone()))),
         ),
         (
             Part::Step,
@@ -309,7 +310,7 @@ fn profile_layer(
         (
             Part::Step,
             "FFN down projection",
-            time(&|| drop(layer.output.dense.forward(inner.clone()))),
+            time(&|| drop(layer.output.project(inner.clone()))),
         ),
         (
             Part::Step,

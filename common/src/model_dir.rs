@@ -183,6 +183,7 @@ impl ModelDir {
         let family = config.family();
         let mut bert = Bert::init(&config, device);
         weights::load(&mut bert, &self.weights, family)?;
+        bert.pack_weights();
         let mut heads = ExitHeads::init(config.hidden_size, &exits, device);
         if self.exits_trained {
             weights::load(&mut heads, &self.exit_weights_path(), family)?;

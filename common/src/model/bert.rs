@@ -8,12 +8,15 @@ use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear,
     LinearConfig,
 };
+use std::sync::Arc;
+
 use burn::prelude::*;
 use burn::tensor::activation;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
 use super::gelu;
+use super::packed::{self, PackedLinear};
 use crate::config::{Activation, BertConfig, Family, MPNET_MAX_DISTANCE};
 
 #[derive(Module, Debug)]
@@ -46,6 +49,27 @@ impl Bert {
                 .collect(),
             relative_attention_bias,
             config: config.clone(),
+        }
+    }
+
+    /// Builds every layer's [`PackedLinear`]s from the weights as they are now, for inference
+    /// on a device that [`packed::packs_on`] (elsewhere it does nothing). Call it after
+    /// loading; weights changed afterwards are not seen by the packs (see [`packed`]).
+    pub fn pack_weights(&mut self) {
+        if !packed::packs_on(&self.embeddings.layer_norm.gamma.val().device()) {
+            return;
+        }
+        for layer in &mut self.layers {
+            let attention = &mut layer.attention.self_attention;
+            attention.packed = Some(PackedLinear::pack(&[
+                &attention.query,
+                &attention.key,
+                &attention.value,
+            ]));
+            for block in [&mut layer.attention.output, &mut layer.output] {
+                block.packed = Some(PackedLinear::pack(&[&block.dense]));
+            }
+            layer.intermediate.packed = Some(PackedLinear::pack(&[&layer.intermediate.dense]));
         }
     }
 
@@ -179,6 +203,9 @@ pub struct SelfAttention {
     pub value: Linear,
     #[module(skip)]
     pub num_heads: usize,
+    /// Q, K and V as one packed product, once [`Bert::pack_weights`] has run.
+    #[module(skip)]
+    pub packed: Option<Arc<PackedLinear>>,
 }
 
 #[derive(Module, Debug)]
@@ -186,6 +213,8 @@ pub struct DenseNorm {
     pub dense: Linear,
     pub layer_norm: LayerNorm,
     pub dropout: Dropout,
+    #[module(skip)]
+    pub packed: Option<Arc<PackedLinear>>,
 }
 
 impl DenseNorm {
@@ -194,13 +223,29 @@ impl DenseNorm {
             dense: LinearConfig::new(d_in, config.hidden_size).init(device),
             layer_norm: layer_norm(config, device),
             dropout: dropout(config),
+            packed: None,
         }
     }
 
     /// BERT's post-LN residual block: `LayerNorm(dropout(dense(x)) + residual)`.
     pub fn forward(&self, x: Tensor<3>, residual: Tensor<3>) -> Tensor<3> {
         self.layer_norm
-            .forward(self.dropout.forward(self.dense.forward(x)) + residual)
+            .forward(self.dropout.forward(self.project(x)) + residual)
+    }
+
+    /// `dense(x)`, through its pack where [`usable`].
+    pub fn project(&self, x: Tensor<3>) -> Tensor<3> {
+        match usable(&self.packed, &x) {
+            Some(packed) => {
+                let [batch, seq, hidden] = x.dims();
+                packed.forward(x.reshape([batch * seq, hidden])).reshape([
+                    batch,
+                    seq,
+                    packed.d_out(),
+                ])
+            }
+            None => self.dense.forward(x),
+        }
     }
 }
 
@@ -213,6 +258,8 @@ pub struct Attention {
 #[derive(Module, Debug)]
 pub struct Intermediate {
     pub dense: Linear,
+    #[module(skip)]
+    pub packed: Option<Arc<PackedLinear>>,
 }
 
 #[derive(Module, Debug)]
@@ -235,11 +282,13 @@ impl EncoderLayer {
                     key: linear(hidden),
                     value: linear(hidden),
                     num_heads: config.num_attention_heads,
+                    packed: None,
                 },
                 output: DenseNorm::init(hidden, config, device),
             },
             intermediate: Intermediate {
                 dense: linear(config.intermediate_size),
+                packed: None,
             },
             output: DenseNorm::init(config.intermediate_size, config, device),
             activation: config.hidden_act,
@@ -265,6 +314,15 @@ impl EncoderLayer {
     /// The feed-forward block's first half: its nonlinearity of the intermediate projection.
     pub fn expand(&self, attended: Tensor<3>) -> Tensor<3> {
         let dense = &self.intermediate.dense;
+        if let (Activation::Gelu, Some(packed)) = (
+            self.activation,
+            usable(&self.intermediate.packed, &attended),
+        ) {
+            // The packed product already added the bias.
+            let [batch, seq, hidden] = attended.dims();
+            let product = packed.forward(attended.reshape([batch * seq, hidden]));
+            return gelu::gelu(product).reshape([batch, seq, packed.d_out()]);
+        }
         match (self.activation, &dense.bias) {
             // BERT's and MPNet's case, the one worth a fused pass (see `gelu`).
             (Activation::Gelu, Some(bias)) => {
@@ -286,6 +344,14 @@ impl EncoderLayer {
     }
 }
 
+/// The pack of a projection of `x`, where it exists and pays for `x`'s rows.
+fn usable<'a>(packed: &'a Option<Arc<PackedLinear>>, x: &Tensor<3>) -> Option<&'a PackedLinear> {
+    let [batch, seq, _] = x.dims();
+    packed
+        .as_deref()
+        .filter(|_| batch * seq <= packed::MAX_ROWS)
+}
+
 /// Query, key and value of every head, `[batch, heads, seq, head_dim]` each.
 #[derive(Debug, Clone)]
 pub struct Heads {
@@ -303,6 +369,18 @@ impl SelfAttention {
             t.reshape([batch, seq, heads, hidden / heads])
                 .swap_dims(1, 2)
         };
+        if let Some(packed) = usable(&self.packed, &x) {
+            let all =
+                packed
+                    .forward(x.reshape([batch * seq, hidden]))
+                    .reshape([batch, seq, 3 * hidden]);
+            let part = |index: usize| split_heads(all.clone().narrow(2, index * hidden, hidden));
+            return Heads {
+                query: part(0),
+                key: part(1),
+                value: part(2),
+            };
+        }
         Heads {
             query: split_heads(self.query.forward(x.clone())),
             key: split_heads(self.key.forward(x.clone())),

@@ -15,15 +15,28 @@ use rayon::prelude::*;
 /// `gelu(x + bias)` with `gelu(v) = v·(1 + erf(v/√2))/2`; `x`: `[rows, width]`, `bias`:
 /// `[width]`.
 pub fn bias_gelu(x: Tensor<2>, bias: Tensor<1>) -> Tensor<2> {
-    let device = x.device();
-    if !runs_here(&device, &x) || bias.dtype() != x.dtype() {
+    if !runs_here(&x.device(), &x) || bias.dtype() != x.dtype() {
         return burn::tensor::activation::gelu(x + bias.unsqueeze());
     }
+    let Ok(bias) = bias.into_data().try_into_vec::<f32>() else {
+        unreachable!("only f32 tensors take this path")
+    };
+    in_one_pass(x, Some(&bias))
+}
+
+/// `gelu(x)`, for a product whose bias is already in it (a packed linear's).
+pub fn gelu(x: Tensor<2>) -> Tensor<2> {
+    if !runs_here(&x.device(), &x) {
+        return burn::tensor::activation::gelu(x);
+    }
+    in_one_pass(x, None)
+}
+
+/// `gelu(x + bias)` over `x`'s values in place, vectorised and split over rayon's threads.
+fn in_one_pass(x: Tensor<2>, bias: Option<&[f32]>) -> Tensor<2> {
+    let device = x.device();
     let [rows, width] = x.dims();
-    let (Ok(mut values), Ok(bias)) = (
-        x.into_data().try_into_vec::<f32>(),
-        bias.into_data().try_into_vec::<f32>(),
-    ) else {
+    let Ok(mut values) = x.into_data().try_into_vec::<f32>() else {
         unreachable!("only f32 tensors take this path")
     };
     // Rows in chunks of about 16k values: enough work per rayon task to repay the hand-off.
@@ -34,8 +47,17 @@ pub fn bias_gelu(x: Tensor<2>, bias: Tensor<1>) -> Tensor<2> {
         .for_each(|chunk| {
             arch.dispatch(|| {
                 for row in chunk.chunks_exact_mut(width) {
-                    for (value, &shift) in row.iter_mut().zip(&bias) {
-                        *value = gelu(*value + shift);
+                    match bias {
+                        Some(bias) => {
+                            for (value, &shift) in row.iter_mut().zip(bias) {
+                                *value = gelu_of(*value + shift);
+                            }
+                        }
+                        None => {
+                            for value in row.iter_mut() {
+                                *value = gelu_of(*value);
+                            }
+                        }
                     }
                 }
             })
@@ -49,7 +71,7 @@ fn runs_here(device: &Device, x: &Tensor<2>) -> bool {
 }
 
 #[inline(always)]
-fn gelu(v: f32) -> f32 {
+fn gelu_of(v: f32) -> f32 {
     0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2))
 }
 

@@ -12,6 +12,7 @@
 mod bert;
 mod exits;
 mod gelu;
+mod packed;
 
 use std::ops::Range;
 
@@ -73,6 +74,13 @@ impl MultiExitBert {
             bert: Bert::init(config, device),
             exits: ExitHeads::init(config.hidden_size, exits, device),
         }
+    }
+
+    /// See [`Bert::pack_weights`]: [`crate::ModelDir`] does it on load; a model built by
+    /// [`Self::init`] and given weights by other means calls it itself.
+    pub fn pack_weights(mut self) -> Self {
+        self.bert.pack_weights();
+        self
     }
 
     pub fn config(&self) -> &BertConfig {
