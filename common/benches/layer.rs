@@ -71,8 +71,8 @@ fn main() {
             if let Output::Table = output {
                 println!("one encoder layer, f32, flex; {}", support::threads_line());
                 println!(
-                    "{:<7} {:>5} {:>5} {:>10} {:>9}",
-                    "model", "batch", "seq", "ms", "GFLOP/s"
+                    "{:<7} {:>5} {:>5} {:>10} {:>9} {:>14}",
+                    "model", "batch", "seq", "ms", "GFLOP/s", "unpacked ms"
                 );
             }
             let threads = rayon::current_num_threads();
@@ -90,8 +90,9 @@ fn main() {
                                 ms(time)
                             ),
                             _ => println!(
-                                "{name:<7} {batch:>5} {seq:>5} {:>10.3} {gflops:>9.1}",
-                                ms(time)
+                                "{name:<7} {batch:>5} {seq:>5} {:>10.3} {gflops:>9.1} {:>14.3}",
+                                ms(time),
+                                ms(time_layer(&without_packs(model), &device, batch, seq))
                             ),
                         }
                     }
@@ -127,6 +128,18 @@ fn time_layer(model: &MultiExitBert, device: &Device, batch: usize, seq: usize) 
     median_of(TIME_BUDGET, || {
         layer.forward(x.clone(), None, bias.as_ref()).into_data();
     })
+}
+
+/// `model` as burn's `Linear`s alone run it: what packing buys, measured in the same run.
+fn without_packs(model: &MultiExitBert) -> MultiExitBert {
+    let mut model = model.clone();
+    for layer in &mut model.bert.layers {
+        layer.attention.self_attention.packed = None;
+        layer.attention.output.packed = None;
+        layer.intermediate.packed = None;
+        layer.output.packed = None;
+    }
+    model
 }
 
 fn median(mut times: Vec<Duration>) -> Duration {
