@@ -4,12 +4,12 @@
 //! attention weights. The encoder layer is one type for both: MPNet's only difference inside a
 //! layer is the relative-position bias, an optional input of [`EncoderLayer::forward`].
 
+use std::sync::Arc;
+
 use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear,
     LinearConfig,
 };
-use std::sync::Arc;
-
 use burn::prelude::*;
 use burn::tensor::activation;
 use burn::tensor::module::attention;
@@ -236,14 +236,7 @@ impl DenseNorm {
     /// `dense(x)`, through its pack where [`usable`].
     pub fn project(&self, x: Tensor<3>) -> Tensor<3> {
         match usable(&self.packed, &x) {
-            Some(packed) => {
-                let [batch, seq, hidden] = x.dims();
-                packed.forward(x.reshape([batch * seq, hidden])).reshape([
-                    batch,
-                    seq,
-                    packed.d_out(),
-                ])
-            }
+            Some(packed) => packed.forward(x),
             None => self.dense.forward(x),
         }
     }
@@ -319,9 +312,10 @@ impl EncoderLayer {
             usable(&self.intermediate.packed, &attended),
         ) {
             // The packed product already added the bias.
-            let [batch, seq, hidden] = attended.dims();
-            let product = packed.forward(attended.reshape([batch * seq, hidden]));
-            return gelu::gelu(product).reshape([batch, seq, packed.d_out()]);
+            let [batch, seq, _] = attended.dims();
+            let width = packed.d_out();
+            let product = packed.forward(attended).reshape([batch * seq, width]);
+            return gelu::gelu(product).reshape([batch, seq, width]);
         }
         match (self.activation, &dense.bias) {
             // BERT's and MPNet's case, the one worth a fused pass (see `gelu`).
@@ -370,10 +364,7 @@ impl SelfAttention {
                 .swap_dims(1, 2)
         };
         if let Some(packed) = usable(&self.packed, &x) {
-            let all =
-                packed
-                    .forward(x.reshape([batch * seq, hidden]))
-                    .reshape([batch, seq, 3 * hidden]);
+            let all = packed.forward(x);
             let part = |index: usize| split_heads(all.clone().narrow(2, index * hidden, hidden));
             return Heads {
                 query: part(0),

@@ -5,8 +5,8 @@
 //! edge), `gemm` does not pack that operand: its kernels walk down narrow column strips of the
 //! whole matrix, one cache line per row of the weight, `4·d_out` bytes apart (12 KiB for an
 //! MPNet FFN), and flex runs any product under 192³ multiply-adds on one thread. Measured in
-//! one run here (2 threads, 16 rows): `[768, 3072]` 1.98 ms as flex does it, 0.66 ms with the
-//! same `gemm` kernels on the layout below (docs/performance.md has the layer-level figures).
+//! one run here (2 threads, 16 rows): `[768, 3072]` 1.98 ms with `gemm` called as flex calls
+//! it, 0.66 ms with the same kernels on the layout below (docs/performance.md has the layer-level figures).
 //!
 //! The layout, as ONNX Runtime's MLAS does it at session creation: the weight cut into
 //! [`PANEL`]-column panels, each stored contiguously as `[d_in, PANEL]`, so a kernel streams
@@ -65,7 +65,7 @@ impl PackedLinear {
             .collect();
         let d_in = linears[0].weight.dims()[0];
         let d_out = weights.iter().map(|(_, width)| width).sum();
-        // The concatenated weight's column `c` is column `c - start` of the part it falls in.
+        // Column `c` of the concatenated weight: (part, column within that part).
         let mut column_source = Vec::with_capacity(d_out);
         for (part, (_, width)) in weights.iter().enumerate() {
             column_source.extend((0..*width).map(|column| (part, column)));
@@ -100,11 +100,12 @@ impl PackedLinear {
         self.d_out
     }
 
-    /// `x·W + b` for `x`: `[rows, d_in]` on a device that [`packs_on`]; `rows` at most
-    /// [`MAX_ROWS`] is the caller's choice, not a requirement.
-    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let [rows, d_in] = x.dims();
+    /// `x·W + b` for `x`: `[batch, seq, d_in]` on a device that [`packs_on`]; at most
+    /// [`MAX_ROWS`] rows (`batch·seq`) is the caller's choice, not a requirement.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [batch, seq, d_in] = x.dims();
         assert_eq!(d_in, self.d_in, "packed linear: input width");
+        let rows = batch * seq;
         let device = x.device();
         let input = to_vec(x);
         // Every output row starts as the bias; the products add onto it.
@@ -144,7 +145,7 @@ impl PackedLinear {
                     )
                 }
             });
-        Tensor::from_data(TensorData::new(output, [rows, self.d_out]), &device)
+        Tensor::from_data(TensorData::new(output, [batch, seq, self.d_out]), &device)
     }
 }
 
@@ -188,8 +189,9 @@ mod tests {
         let packed = PackedLinear::pack(&parts.iter().collect::<Vec<_>>());
         assert_eq!(packed.d_out(), 203);
         for rows in [1, 7, 16, 50] {
-            let x = Tensor::<2>::random([rows, 100], burn::tensor::Distribution::Default, &device);
-            let expected = Tensor::cat(parts.iter().map(|p| p.forward(x.clone())).collect(), 1);
+            let x =
+                Tensor::<3>::random([1, rows, 100], burn::tensor::Distribution::Default, &device);
+            let expected = Tensor::cat(parts.iter().map(|p| p.forward(x.clone())).collect(), 2);
             let difference: f32 = (packed.forward(x) - expected).abs().max().into_scalar();
             assert!(difference < 1e-5, "{rows} rows: off by {difference:e}");
         }
