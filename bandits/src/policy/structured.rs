@@ -32,10 +32,10 @@ use crate::reward::RewardRange;
 /// pseudo-observations of the mean answer confidence of every offload), `N` the link's
 /// discounted count of offloads and `σ_k` the residual spread of its fit (no link term with
 /// a constant `o`). The link forgets with
-/// `γ = 1 − 1/link_memory` per sample settled, against one undiscounted pseudo-offload at the
-/// mean cost of every offload ever seen: when nothing has been offloaded for a while its
-/// estimate drifts back to the link's long-run cost and its bonus grows, so a link that
-/// recovered gets probed. (Reverting to the cheapest cost ever seen instead probed an
+/// `γ = 1 − 1/link_memory` per sample settled, against one undiscounted pseudo-offload with
+/// the mean and variance of every offload ever seen: when nothing has been offloaded for a
+/// while its estimate drifts back to the link's long-run cost, its spread to the long-run
+/// spread, and its bonus grows, so a link that recovered gets probed. (Reverting to the cheapest cost ever seen instead probed an
 /// intermittent 5G link into its outages again and again: 40 two-second timeouts in 2,000
 /// samples, against 3–4 with the long-run mean.)
 /// Device-side estimates (`q`, `ĝ`, `ê`) do not forget: the samples' distribution does not
@@ -107,9 +107,11 @@ struct LinkModel {
     wyy: f64,
     cloud_layer: f64,
     cloud_layer_w: f64,
-    /// Every net offload cost seen, undiscounted: what the estimate reverts to when the
-    /// recent offloads are forgotten.
+    /// Every net offload cost seen, undiscounted, and the sum of their squares: the mean and
+    /// the spread the estimate reverts to when the recent offloads are forgotten.
     all_time: Mean,
+    #[serde(default)]
+    all_time_squares: f64,
 }
 
 impl LinkModel {
@@ -136,6 +138,7 @@ impl LinkModel {
         self.wxy += tokens * net_cost;
         self.wyy += net_cost * net_cost;
         self.all_time.add(net_cost);
+        self.all_time_squares += net_cost * net_cost;
         if let Some(c) = cloud_layer_cost {
             self.cloud_layer += c;
             self.cloud_layer_w += 1.0;
@@ -143,19 +146,26 @@ impl LinkModel {
     }
 
     /// The net cost of offloading `tokens` tokens and its spread: the discounted fit plus one
-    /// pseudo-sample at the long-run mean (flat in tokens); the spread is the fit's residual
-    /// standard deviation. Before any offload: free, the optimistic start.
+    /// pseudo-sample of the long-run distribution (its mean, flat in tokens, and its
+    /// variance); the spread is the fit's residual standard deviation. Before any offload:
+    /// free, the optimistic start.
+    ///
+    /// The pseudo-sample carries the variance, not only the mean, because otherwise the
+    /// spread is forgotten with the data: after an outage whose failures raised the long-run
+    /// mean above the device's cost, the bonus shrank to nothing as the fit decayed and the
+    /// policy never offloaded again (`a_recovered_link_is_probed_after_an_outage`).
     fn predict(&self, tokens: f64) -> (f64, f64) {
         let Some(floor) = self.all_time.get() else {
             return (0.0, 0.0);
         };
+        let variance = (self.all_time_squares / self.all_time.n - floor * floor).max(0.0);
         let (w, wx, wxx, wy, wxy, wyy) = (
             self.w + 1.0,
             self.wx + tokens,
             self.wxx + tokens * tokens,
             self.wy + floor,
             self.wxy + tokens * floor,
-            self.wyy + floor * floor,
+            self.wyy + floor * floor + variance,
         );
         let det = w * wxx - wx * wx;
         // Too little spread in token counts for a slope: the weighted mean.
@@ -579,5 +589,58 @@ mod tests {
         };
         assert!(p.reveal(ArmIndex(1), bad).is_err());
         assert!(p.reveal(ArmIndex(7), bad).is_err());
+    }
+
+    #[test]
+    fn a_recovered_link_is_probed_after_an_outage() {
+        // Arm 0 offloads everything after a 10 ms device part; arm 1 runs 40 ms on the device.
+        // Equal gains: offloading pays while the link costs under 30 ms.
+        let mut p = policy(None);
+        let settle = |p: &mut StructuredUcb, arm: usize, link: Option<f64>| {
+            let answered = link.is_some_and(|cost| cost < 50.0);
+            let revealed = |offloads, gain, edge| Reveal {
+                offloads,
+                gain,
+                edge: EdgeSeen::Known(edge),
+                tokens: 10.0,
+            };
+            p.reveal(ArmIndex(0), revealed(true, answered.then_some(0.9), 10.0))
+                .unwrap();
+            p.reveal(ArmIndex(1), revealed(false, Some(0.9), 40.0))
+                .unwrap();
+            if let Some(cost) = link {
+                p.observe_link(LinkSample {
+                    cost,
+                    cloud_cost: 0.0,
+                    cloud_layer_cost: None,
+                    tokens: 10.0,
+                    answer_confidence: answered.then_some(0.9),
+                })
+                .unwrap();
+            }
+            p.update(ArmIndex(arm), 0.5).unwrap();
+        };
+        // 300 offloads at 5 ms, then an outage: 100 offloads that fail after 400 ms each. The
+        // long-run mean (103.75 ms) is now far worse than the device. (Without the long-run
+        // variance in the pseudo-offload, the link's spread decays to 0 with the fit and arm 0
+        // is never chosen again.)
+        for cost in [5.0; 300].into_iter().chain([400.0; 100]) {
+            settle(&mut p, 0, Some(cost));
+        }
+        // The link is back at 5 ms; the policy sees it only by offloading.
+        let mut chosen = Vec::new();
+        for _ in 0..1000 {
+            let arm = p.select().0;
+            settle(&mut p, arm, (arm == 0).then_some(5.0));
+            chosen.push(arm);
+        }
+        assert_eq!(chosen[0], 1, "the outage is remembered at first");
+        let offloaded_at_the_end = chosen[900..].iter().filter(|&&a| a == 0).count();
+        assert!(
+            offloaded_at_the_end > 90,
+            "the link is probed and offloading resumes: {offloaded_at_the_end} of the last 100; \
+             first offload at step {:?}",
+            chosen.iter().position(|&a| a == 0)
+        );
     }
 }
